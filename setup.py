@@ -1,0 +1,50 @@
+"""grnformer_ds: DeepSpeed pretraining of single-cell foundation models with gene regulatory networks."""
+from setuptools import find_packages, setup
+
+# torch is pinned by the installer (README / .ci/run) before this runs: on CPU-only machines an unpinned
+# `torch` pulled in by deepspeed or torch-geometric resolves to a multi-GB CUDA build.
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "numpy>=1.26",
+    "scipy>=1.11",
+    "pandas>=2.1",
+    "h5py>=3.10",
+    "anndata>=0.12",
+    "zarr>=3.1",
+    "numcodecs>=0.15",
+    "tensorstore>=0.1.70",
+    "scanpy>=1.10",  # ships the pbmc68k_reduced / krumsiek11 demo data
+    "scikit-learn>=1.4",
+    "transformers>=4.48",
+    "safetensors>=0.4",
+    "torch-geometric>=2.6",
+    "deepspeed>=0.16",
+    "mlflow>=3.0",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "ctxcore>=0.2",   # AUCell reference
+        "setuptools<81",  # ctxcore imports pkg_resources
+        "pyscenic>=0.12",  # AUCell reference (rankings)
+    ],
+    "bench": ["bionemo-scdl>=0.1", "psutil>=5.9"],
+    "flash": ["flash-attn>=2.6"],
+    "grnboost": ["arboreto>=0.1.6", "dask", "distributed"],
+}
+
+setup(
+    name="grnformer_ds",
+    version="0.1.0",
+    description="GRNFormer: DeepSpeed pretraining of single-cell RNA foundation models with multi-scale GRNs",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["grnformer_ds", "grnformer_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    include_package_data=True,
+)
