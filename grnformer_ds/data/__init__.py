@@ -1,0 +1,14 @@
+"""Streaming layer: store -> tokenized, masked batches with per-cell multi-scale graphs (DESIGN.md sections 1-3)."""
+from .cells import CellRows
+from .dataset import StatefulCellLoader, StreamingCellDataset, split_range
+from .graphs import GraphBuilder, slot_table
+from .perturb import perturb_edges
+from .readers import StoreReader
+from .sampler import EpochPlan, batch_rng
+from .scfoundation_collator import ScFoundationCollator
+from .scgpt_collator import ScGPTCollator
+
+__all__ = [
+    "CellRows", "EpochPlan", "GraphBuilder", "ScFoundationCollator", "ScGPTCollator", "StatefulCellLoader",
+    "StoreReader", "StreamingCellDataset", "batch_rng", "perturb_edges", "slot_table", "split_range",
+]

@@ -1,0 +1,290 @@
+"""`StreamingCellDataset`: a grnformer_ds store -> ready-to-train batches (dicts of tensors), resumable."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import UserInputError
+from .cells import CellRows
+from .graphs import GraphBuilder
+from .readers import StoreReader
+from .sampler import EpochPlan, batch_rng
+from .scfoundation_collator import ScFoundationCollator
+from .scgpt_collator import ScGPTCollator
+
+SPLITS = ("train", "eval", "all")
+BACKBONES = ("scgpt", "scfoundation")
+
+
+def split_range(n_cells: int, split: str, eval_fraction: float) -> tuple[int, int]:
+    """Cells ``[lo, hi)`` of a split. The held-out ``eval`` split is the last ``round(eval_fraction * n)`` cells
+    (at least one when ``eval_fraction > 0``): the store shuffles cells globally when it is written, so a tail is a
+    uniform random sample, it is the same for every seed and world size, and it reads contiguously."""
+    if split not in SPLITS:
+        raise UserInputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise UserInputError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n_eval = 0 if eval_fraction == 0 else min(n_cells - 1, max(1, int(round(eval_fraction * n_cells))))
+    if split == "all":
+        return 0, n_cells
+    if split == "train":
+        return 0, n_cells - n_eval
+    if n_eval == 0:
+        raise UserInputError("split='eval' needs eval_fraction > 0")
+    return n_cells - n_eval, n_cells
+
+
+class StreamingCellDataset(IterableDataset):
+    """Streams tokenized, masked cells with per-cell multi-scale GRN graphs from a grnformer_ds store.
+
+    Pipeline, per batch (DESIGN.md sections 1-3):
+
+    1. plan (`sampler.EpochPlan`): block shuffle of the split's cells for (seed, epoch), partition over ranks, equal
+       number of batches per rank (``drop_last`` drops the epoch's tail, otherwise it pads by repeating cells);
+       DataLoader worker ``w`` of ``N`` builds batches ``consumed + w, consumed + w + N, ...`` so the loader's
+       round-robin returns them in order;
+    2. read (`readers.StoreReader`): the batch's blocks of contiguous cells (tensorstore ``zarr3``, or zarr-python),
+       cached per worker for the lifetime of a shuffle buffer;
+    3. tokenize (`ScGPTCollator` / `ScFoundationCollator`): binning or log1p values, gene subset, ``<cls>``, masking;
+    4. graphs (`graphs.GraphBuilder`, when the store has GRN assets): cell-type GRN and cell-specific GRN (union of
+       the active regulons) restricted to the cell's tokens, edge perturbation (training only), PyG batching;
+    5. every random choice of a batch comes from a generator seeded by (seed, epoch, global batch index), so
+       ``state_dict() == {epoch, batches_consumed, ...}`` resumes exactly, whatever the number of workers.
+
+    Args:
+        store: store directory. batch_size: cells per batch (per rank). seed: data seed. rank, world_size: data
+            parallel position (each rank yields ``len(self)`` batches per epoch).
+        backbone: ``"scgpt"`` (default) or ``"scfoundation"``. split: ``"train"`` (default), ``"eval"`` or ``"all"``;
+            eval_fraction: held-out tail of the store for ``"eval"`` (default 0.05, see `split_range`).
+        training: masking + edge perturbation + reshuffle per epoch (default: ``split != "eval"``); an evaluation
+            dataset yields the same batches on every pass.
+        shuffle / drop_last: default to ``training``. block_size / buffer_blocks: block-shuffle read unit and
+            buffer (defaults 64 cells x 32 blocks). reader: ``"tensorstore"`` (default) or ``"zarr"``.
+        graphs: None = on when the store has GRN assets; True without assets is an error. edge_perturbation: alpha.
+        Collator options (max_seq_len, n_bins, mask_ratio, mask_value, pad_value, pad_to_max_len, ...) pass through
+            ``collator_kwargs`` or the keyword arguments of the same name.
+    """
+
+    def __init__(self, store: str | Path, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 backbone: str = "scgpt", split: str = "train", eval_fraction: float = 0.05,
+                 training: bool | None = None, shuffle: bool | None = None, drop_last: bool | None = None,
+                 block_size: int = 64, buffer_blocks: int = 32, reader: str = "tensorstore",
+                 graphs: bool | None = None, edge_perturbation: float = 0.2,
+                 max_seq_len: int = 1200, n_bins: int = 51, mask_ratio: float = 0.15, mask_value: float = -1.0,
+                 pad_value: float = -2.0, pad_to_max_len: bool = False, collator_kwargs: dict | None = None):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise UserInputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if batch_size < 1:
+            raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserInputError(f"rank {rank} is not in [0, world_size={world_size})")
+        if seed < 0:
+            raise UserInputError(f"seed must be >= 0, got {seed}")
+        if block_size < 1 or buffer_blocks < 1:
+            raise UserInputError("block_size and buffer_blocks must be >= 1")
+        if not 0.0 <= edge_perturbation <= 1.0:
+            raise UserInputError(f"edge_perturbation must be in [0, 1], got {edge_perturbation}")
+        self.store = Path(store)
+        self.reader = StoreReader(self.store, backend=reader)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.backbone, self.split = backbone, split
+        self.lo, self.hi = split_range(self.reader.n_cells, split, eval_fraction)
+        self.training = (split != "eval") if training is None else bool(training)
+        self.shuffle = self.training if shuffle is None else bool(shuffle)
+        self.drop_last = self.training if drop_last is None else bool(drop_last)
+        self.block_size, self.buffer_blocks = int(block_size), int(buffer_blocks)
+        self.edge_perturbation = float(edge_perturbation)
+
+        if self.drop_last and (self.hi - self.lo) < self.batch_size * self.world_size:
+            raise UserInputError(
+                f"split {split!r} has {self.hi - self.lo} cells, fewer than batch_size x world_size = "
+                f"{self.batch_size * self.world_size}: every batch would be dropped (lower the batch size or set "
+                f"drop_last=False)", path=str(self.store))
+
+        kw = dict(max_seq_len=max_seq_len, mask_ratio=mask_ratio,
+                  mask_value=mask_value, pad_value=pad_value, pad_to_max_len=pad_to_max_len)
+        kw.update(collator_kwargs or {})
+        try:
+            if backbone == "scgpt":
+                self.collator = ScGPTCollator(self.reader.gene_token_ids, pad_id=self.reader.pad_id,
+                                              cls_id=self.reader.cls_id, n_bins=n_bins, **kw)
+            else:
+                self.collator = ScFoundationCollator(self.reader.gene_token_ids, pad_id=self.reader.pad_id, **kw)
+        except (TypeError, ValueError) as exc:  # bad collator option
+            raise UserInputError(f"{backbone} tokenization: {exc}") from None
+
+        self.graph_builder = self._graph_builder(graphs)
+        self.epoch = 0
+        self._consumed = 0  # batches of `self.epoch` already handed out
+        self._cache: OrderedDict[int, CellRows] = OrderedDict()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()  # each DataLoader worker fills its own block cache
+        return state
+
+    # ------------------------------------------------------------------ setup
+    def _graph_builder(self, graphs: bool | None) -> GraphBuilder | None:
+        from ..grn import has_grn_assets, read_grn_assets
+
+        has = has_grn_assets(self.store)
+        if graphs is None:
+            graphs = has
+        if not graphs:
+            return None
+        if not has:
+            raise UserInputError("graphs=True but the store has no GRN assets (run data_prep/build_grn.py first)",
+                                 path=str(self.store / "grn"))
+        if not self.reader.has_active_regulons:
+            raise UserInputError("store has GRN assets but its shards lack obsm/active_regulons (rerun "
+                                 "build_grn.py)", path=str(self.store))
+        assets = read_grn_assets(self.store)
+        if assets.n_genes != self.reader.n_genes:
+            raise UserInputError(f"GRN assets cover {assets.n_genes} genes, the store {self.reader.n_genes}",
+                                 path=str(self.store / "grn"))
+        return GraphBuilder(assets, alpha=self.edge_perturbation)
+
+    @property
+    def graphs(self) -> bool:
+        return self.graph_builder is not None
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The cell order of an epoch on this rank (an evaluation dataset always uses epoch 0)."""
+        epoch = self.epoch if epoch is None else epoch
+        return EpochPlan(self.lo, self.hi, batch_size=self.batch_size, seed=self.seed,
+                         epoch=epoch if self.training else 0, rank=self.rank, world_size=self.world_size,
+                         block_size=self.block_size, buffer_blocks=self.buffer_blocks, shuffle=self.shuffle,
+                         drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        return self.plan(0).n_steps
+
+    # ------------------------------------------------------------------ state
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` (keeps the position when it is the epoch already in progress, e.g. after resume)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self._consumed = int(epoch), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_consumed": self._consumed, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
+                "split": self.split, "split_range": [self.lo, self.hi], "backbone": self.backbone}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "batch_size", "world_size", "split"):
+            if key in state and state[key] != getattr(self, key):
+                raise UserInputError(f"cannot resume data position: checkpoint has {key}={state[key]!r}, this "
+                                     f"dataset {key}={getattr(self, key)!r} (batches would differ)")
+        if "split_range" in state and list(state["split_range"]) != [self.lo, self.hi]:
+            raise UserInputError(f"cannot resume data position: split cells {state['split_range']} != "
+                                 f"{[self.lo, self.hi]} (store or eval_fraction changed)")
+        self.epoch, self._consumed = int(state["epoch"]), int(state["batches_consumed"])
+
+    def _advance(self, n: int = 1) -> None:
+        self._consumed += n
+
+    def _end_epoch(self, plan: EpochPlan) -> None:
+        if self.training and self._consumed >= plan.n_steps:
+            self.epoch, self._consumed = self.epoch + 1, 0
+        elif not self.training:
+            self._consumed = 0
+
+    # ------------------------------------------------------------------ batches
+    def _rows(self, plan: EpochPlan, cells: np.ndarray) -> CellRows:
+        """Read the cells (global ids) through a per-worker LRU cache of blocks."""
+        blocks = plan.block_of(cells)
+        with_active = self.graph_builder is not None
+        parts, order = [], np.argsort(blocks, kind="stable")
+        for b in np.unique(blocks):
+            rows = self._cache.get(int(b))
+            if rows is None:
+                g0 = self.lo + int(b) * self.block_size
+                rows = self.reader.read_range(g0, min(g0 + self.block_size, self.hi), with_active)
+                self._cache[int(b)] = rows
+                while len(self._cache) > self.buffer_blocks:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(int(b))
+            local = cells[blocks == b] - (self.lo + int(b) * self.block_size)
+            parts.append(rows.take(local))
+        pool = CellRows.concat(parts)  # cells sorted by block; put them back in batch order
+        return pool.take(np.argsort(order, kind="stable"))
+
+    def batch(self, step: int, plan: EpochPlan | None = None) -> dict[str, torch.Tensor]:
+        """This rank's batch ``step`` of the current epoch (random access; used by the iterator)."""
+        plan = plan or self.plan()
+        rows = self._rows(plan, plan.step_cells(step))
+        g = plan.global_batch(step)
+        out, slot_genes = self.collator(rows, batch_rng(self.seed, plan.epoch, g, 0))
+        if self.graph_builder is not None:
+            out.update(self.graph_builder(slot_genes, rows.cell_type, rows.active_regulons,
+                                          batch_rng(self.seed, plan.epoch, g, 1), perturb=self.training))
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        plan = self.plan()
+        for step in range(self._consumed + worker, plan.n_steps, n_workers):
+            out = self.batch(step, plan)
+            if info is None:
+                self._consumed = step + 1  # before yielding: a checkpoint taken now must not replay this batch
+            yield out
+        if info is None:
+            self._end_epoch(plan)
+
+
+class StatefulCellLoader:
+    """A ``torch.utils.data.DataLoader`` over a `StreamingCellDataset` that keeps the dataset's position current
+    with several workers (the dataset object in the main process never sees the workers' batches).
+
+    ``state_dict()`` after consuming k batches resumes at batch k+1 even though workers have prefetched further.
+    """
+
+    def __init__(self, dataset: StreamingCellDataset, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None, **kwargs):
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        if kwargs.get("persistent_workers"):
+            raise UserInputError("persistent_workers=True would keep stale data positions in the workers")
+        if self.num_workers and "multiprocessing_context" not in kwargs and dataset.reader.backend == "tensorstore":
+            # tensorstore aborts a process forked after its thread pool started (any earlier read in this process):
+            # workers come from a clean forkserver instead.
+            import multiprocessing
+
+            # The server imports these once (before any tensorstore thread exists), so workers start in ~0.1 s
+            # instead of re-importing torch each. No effect once the server is running.
+            multiprocessing.set_forkserver_preload(["torch", "grnformer_ds.data"])
+            kwargs["multiprocessing_context"] = "forkserver"
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory,
+                                 prefetch_factor=prefetch_factor if self.num_workers else None, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            yield from self.loader
+            return
+        plan = self.dataset.plan()
+        for out in self.loader:
+            self.dataset._advance()
+            yield out
+        self.dataset._end_epoch(plan)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)

@@ -1,0 +1,159 @@
+"""Read contiguous row ranges of a store's shards: tensorstore (``zarr3`` driver) by default, zarr-python fallback.
+
+A `StoreReader` maps a global cell range ``[g0, g1)`` onto shard rows (manifest ``cell_offset``) and returns
+`CellRows`. Per shard it keeps in memory only what is O(cells) and small: ``X/indptr`` (8 B/cell) and the
+``obs/cell_type`` codes; X data/indices and the active-regulon bitsets are read per range. Handles are opened lazily
+and dropped on pickling, so a reader can be shipped to DataLoader workers (each worker opens its own).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserInputError
+from ..store import open_store
+from ..store.schema import CLS_TOKEN, PAD_TOKEN, vocab_path
+from .cells import CellRows
+
+READERS = ("tensorstore", "zarr")
+
+
+class _ZarrArray:
+    """zarr-python array with the same ``read(lo, hi)`` as `_TsArray`."""
+
+    def __init__(self, path: Path):
+        import zarr
+
+        self._arr = zarr.open_array(str(path), mode="r")
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return np.asarray(self._arr[lo:hi])
+
+    def read_all(self) -> np.ndarray:
+        return np.asarray(self._arr[...])
+
+
+class _TsArray:
+    """tensorstore ``zarr3`` array (handles the sharding codec natively, releases the GIL while decoding)."""
+
+    def __init__(self, path: Path):
+        import tensorstore as ts
+
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+        self._arr = ts.open(spec, read=True, open=True).result()
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        return self._arr[lo:hi].read().result()
+
+    def read_all(self) -> np.ndarray:
+        return self._arr.read().result()
+
+
+class ShardReader:
+    """Rows of one shard (an AnnData zarr, DESIGN.md section 1)."""
+
+    def __init__(self, path: Path, n_cells: int, cell_offset: int, backend: str = "tensorstore"):
+        self.path, self.n_cells, self.cell_offset, self.backend = Path(path), int(n_cells), int(cell_offset), backend
+        self._open = False
+
+    def _array(self, rel: str):
+        p = self.path / rel
+        if not (p / "zarr.json").exists():
+            raise UserInputError(f"missing array {rel} in shard (incomplete store?)", path=str(self.path))
+        return _TsArray(p) if self.backend == "tensorstore" else _ZarrArray(p)
+
+    def _ensure_open(self) -> None:
+        if self._open:
+            return
+        self._data = self._array("X/data")
+        self._indices = self._array("X/indices")
+        self.indptr = self._array("X/indptr").read_all().astype(np.int64)
+        if len(self.indptr) != self.n_cells + 1:
+            raise UserInputError(f"X/indptr has {len(self.indptr) - 1} rows, manifest says {self.n_cells}",
+                                 path=str(self.path))
+        codes = self.path / "obs" / "cell_type" / "codes"
+        self.cell_type = (_ZarrArray(codes).read_all().astype(np.int64) if (codes / "zarr.json").exists()
+                          else np.full(self.n_cells, -1, dtype=np.int64))
+        act = self.path / "obsm" / "active_regulons"
+        self._active = self._array("obsm/active_regulons") if (act / "zarr.json").exists() else None
+        self._open = True
+
+    @property
+    def has_active_regulons(self) -> bool:
+        # a file check, not an open: tensorstore must not start its threads in a process that will fork workers
+        return (self.path / "obsm" / "active_regulons" / "zarr.json").exists()
+
+    def read_rows(self, r0: int, r1: int, with_active: bool) -> CellRows:
+        """Rows ``[r0, r1)`` of this shard."""
+        self._ensure_open()
+        lo, hi = int(self.indptr[r0]), int(self.indptr[r1])
+        active = None
+        if with_active:
+            if self._active is None:
+                raise UserInputError("shard has no obsm/active_regulons (run build_grn.py on the store)",
+                                     path=str(self.path))
+            active = np.ascontiguousarray(self._active.read(r0, r1), dtype=np.uint8)
+        return CellRows(
+            indptr=self.indptr[r0:r1 + 1] - lo,
+            indices=self._indices.read(lo, hi).astype(np.int32, copy=False),
+            data=self._data.read(lo, hi).astype(np.float32, copy=False),
+            cell_index=np.arange(self.cell_offset + r0, self.cell_offset + r1, dtype=np.int64),
+            cell_type=self.cell_type[r0:r1],
+            active_regulons=active,
+        )
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in ("path", "n_cells", "cell_offset", "backend")} | {"_open": False}
+
+
+class StoreReader:
+    """A store opened for reading: manifest, vocabulary, gene → token map, and global row ranges."""
+
+    def __init__(self, store: str | Path, backend: str = "tensorstore"):
+        if backend not in READERS:
+            raise UserInputError(f"unknown reader {backend!r}; choose one of {', '.join(READERS)}")
+        self.store = open_store(store)  # validated manifest, shards present, vocab hash-checked
+        self.root = self.store.path
+        self.manifest = self.store.manifest
+        self.vocab: dict[str, int] = self.store.vocab
+        for tok in (PAD_TOKEN, CLS_TOKEN):
+            if tok not in self.vocab:
+                raise UserInputError(f"vocabulary lacks the special token {tok}", path=str(vocab_path(self.root)))
+        self.backend = backend
+        self.n_cells, self.n_genes = self.store.n_cells, self.store.n_genes
+        self.cell_types: list[str] = self.store.cell_types
+        self.shards = [ShardReader(Path(s["abs_path"]), s["n_cells"], s["cell_offset"], backend)
+                       for s in self.store.shards]
+        if not self.shards:
+            raise UserInputError("store has no shards", path=str(self.root))
+        self._offsets = self.store.cell_offsets
+        self.gene_token_ids = self.store.token_ids
+        if len(self.gene_token_ids) != self.n_genes:
+            raise UserInputError(f"var/token_id has {len(self.gene_token_ids)} genes, manifest says {self.n_genes}",
+                                 path=str(self.shards[0].path))
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.vocab[PAD_TOKEN])
+
+    @property
+    def cls_id(self) -> int:
+        return int(self.vocab[CLS_TOKEN])
+
+    @property
+    def has_active_regulons(self) -> bool:
+        return all(s.has_active_regulons for s in self.shards)
+
+    def read_range(self, g0: int, g1: int, with_active: bool = False) -> CellRows:
+        """Global cells ``[g0, g1)`` (may span shards)."""
+        parts = []
+        k = int(np.searchsorted(self._offsets, g0, side="right")) - 1
+        while g0 < g1:
+            shard = self.shards[k]
+            end = min(g1, shard.cell_offset + shard.n_cells)
+            if end > g0:
+                parts.append(shard.read_rows(g0 - shard.cell_offset, end - shard.cell_offset, with_active))
+            g0 = end
+            k += 1
+        return CellRows.concat(parts)

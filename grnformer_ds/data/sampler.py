@@ -1,0 +1,95 @@
+"""Which cells go into which batch: block shuffle, rank partition, equal batch counts, per-batch RNG.
+
+For one (seed, epoch) the cells ``[lo, hi)`` of a split are ordered as follows (block shuffle, as in annbatch /
+tiledbsoma-ml / scDataset):
+
+1. cut into contiguous blocks of ``block_size`` cells (the read unit), and permute the blocks;
+2. group consecutive permuted blocks into buffers of ``buffer_blocks`` blocks, and permute the cells inside each
+   buffer;
+3. rank ``r`` takes positions ``[r * S * B, (r + 1) * S * B)`` of this order, where ``S`` is the number of batches per
+   rank and ``B`` the batch size; its batch ``s`` is positions ``r * S * B + s * B + [0, B)``.
+
+Equal batch counts per rank: ``drop_last=True`` gives ``S = n // (B * W)`` and drops the tail of the epoch order
+(different cells each epoch when shuffling); ``drop_last=False`` gives ``S = ceil(n / (B * W))`` and fills the missing
+positions with the first cells of the order again (like ``torch.utils.data.DistributedSampler``), so some cells appear
+twice in that epoch.
+
+Each batch also has a global index ``g = s * W + r`` and its RNG (masking, subsetting, edge perturbation) is seeded by
+``(seed, epoch, g)`` only, so a batch is the same whichever worker builds it and whenever it is built — which is what
+makes resuming from (epoch, batches consumed) exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_BLOCKS, _BUFFER, _BATCH = 0, 1, 2  # stream tags in the seed sequences
+
+
+def batch_rng(seed: int, epoch: int, global_batch: int, stream: int = 0) -> np.random.Generator:
+    """The generator of one batch (``stream`` separates independent uses, e.g. 0 = tokenization, 1 = graphs)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, _BATCH, global_batch, stream])))
+
+
+class EpochPlan:
+    """Cell order of one epoch for one rank. All arrays are computed lazily per buffer (memory O(cells / block))."""
+
+    def __init__(self, lo: int, hi: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1, block_size: int = 64, buffer_blocks: int = 32, shuffle: bool = True,
+                 drop_last: bool = True):
+        if batch_size < 1 or block_size < 1 or buffer_blocks < 1:
+            raise ValueError("batch_size, block_size and buffer_blocks must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.lo, self.hi = int(lo), int(hi)
+        self.n = self.hi - self.lo
+        self.batch_size, self.seed, self.epoch = int(batch_size), int(seed), int(epoch)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.block_size, self.buffer_blocks, self.shuffle = int(block_size), int(buffer_blocks), bool(shuffle)
+        per_step = self.batch_size * self.world_size
+        self.n_steps = self.n // per_step if drop_last else -(-self.n // per_step)
+        n_blocks = -(-self.n // self.block_size)
+        order = np.arange(n_blocks, dtype=np.int64)
+        if self.shuffle:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, _BLOCKS])))
+            order = rng.permutation(n_blocks)
+        self.block_order = order
+        sizes = np.minimum(self.block_size, self.n - order * self.block_size)
+        buf_sizes = np.add.reduceat(sizes, np.arange(0, n_blocks, self.buffer_blocks)) if n_blocks else sizes
+        self.buffer_starts = np.concatenate([[0], np.cumsum(buf_sizes)]).astype(np.int64)
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def block_of(self, cell: np.ndarray) -> np.ndarray:
+        """Block id (block = ``[lo + k * block_size, ...)``) of global cells."""
+        return (np.asarray(cell) - self.lo) // self.block_size
+
+    def _buffer_cells(self, u: int) -> np.ndarray:
+        if self._cache is not None and self._cache[0] == u:
+            return self._cache[1]
+        blocks = self.block_order[u * self.buffer_blocks:(u + 1) * self.buffer_blocks]
+        cells = np.concatenate([np.arange(b * self.block_size, min((b + 1) * self.block_size, self.n))
+                                for b in blocks]).astype(np.int64) + self.lo
+        if self.shuffle:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, _BUFFER, u])))
+            cells = cells[rng.permutation(len(cells))]
+        self._cache = (u, cells)
+        return cells
+
+    def cells_at(self, positions: np.ndarray) -> np.ndarray:
+        """Global cells at epoch-order positions (positions >= n wrap around: padding)."""
+        positions = np.asarray(positions, dtype=np.int64) % max(self.n, 1)
+        out = np.empty(len(positions), dtype=np.int64)
+        bufs = np.searchsorted(self.buffer_starts, positions, side="right") - 1
+        for u in np.unique(bufs):
+            sel = bufs == u
+            out[sel] = self._buffer_cells(int(u))[positions[sel] - self.buffer_starts[u]]
+        return out
+
+    def step_cells(self, step: int) -> np.ndarray:
+        """(B,) global cells of this rank's batch ``step``."""
+        if not 0 <= step < self.n_steps:
+            raise IndexError(f"step {step} not in [0, {self.n_steps})")
+        start = (self.rank * self.n_steps + step) * self.batch_size
+        return self.cells_at(np.arange(start, start + self.batch_size))
+
+    def global_batch(self, step: int) -> int:
+        return step * self.world_size + self.rank

@@ -1,0 +1,52 @@
+"""GRNFormer in HF transformers style.
+
+    from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForMaskedLM
+    config = GRNFormerConfig.from_preset("scgpt-base", vocab_size=len(vocab))
+    model = GRNFormerForMaskedLM(config)          # attn_implementation="sdpa" by default
+
+Importing this package registers the classes with `AutoConfig`, `AutoModel` and `AutoModelForMaskedLM`, and marks
+them with `register_for_auto_class` so that `save_pretrained` writes an `auto_map` and copies these modules next to
+the weights (loadable with `trust_remote_code=True` where grnformer_ds is not installed).
+"""
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation
+from .configuration_grnformer import GRNFormerConfig
+from .dummy_inputs import make_dummy_batch
+from .modeling_grnformer import (
+    GRNFormerForMaskedLM,
+    GRNFormerMaskedLMOutput,
+    GRNFormerModel,
+    GRNFormerModelOutput,
+    GRNFormerPreTrainedModel,
+    masked_mse_loss,
+)
+from .presets import PRESETS, preset_names
+
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "GRNFormerConfig",
+    "GRNFormerForMaskedLM",
+    "GRNFormerMaskedLMOutput",
+    "GRNFormerModel",
+    "GRNFormerModelOutput",
+    "GRNFormerPreTrainedModel",
+    "PRESETS",
+    "make_dummy_batch",
+    "masked_mse_loss",
+    "preset_names",
+    "resolve_attn_implementation",
+]
+
+
+def _register() -> None:
+    # exist_ok: the trust_remote_code copy of these modules may register the same names in the same process
+    AutoConfig.register(GRNFormerConfig.model_type, GRNFormerConfig, exist_ok=True)
+    AutoModel.register(GRNFormerConfig, GRNFormerModel, exist_ok=True)
+    AutoModelForMaskedLM.register(GRNFormerConfig, GRNFormerForMaskedLM, exist_ok=True)
+    GRNFormerConfig.register_for_auto_class()
+    GRNFormerModel.register_for_auto_class("AutoModel")
+    GRNFormerForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+
+
+_register()

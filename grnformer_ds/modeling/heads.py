@@ -1,0 +1,59 @@
+"""Prediction heads.
+
+- `ExprDecoder` (scGPT): Linear(H, H) -> LeakyReLU -> Linear(H, H) -> LeakyReLU -> Linear(H, 1), per token.
+- `MVCDecoder` (scGPT's GEPC, "inner product" style): query = sigmoid(Linear(gene_emb)); value = <W query, cell_emb>.
+- `ScFoundationDecoder` (xTrimoGene): Linear(H_enc, H_dec) -> transformer layers over all genes -> LayerNorm ->
+  Linear(H_dec, 1). scFoundation uses a Performer decoder; this one uses exact attention through the same dispatch
+  (flash-attn varlen keeps it affordable on a GPU).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import build_layers
+
+
+class ExprDecoder(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.fc = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.LeakyReLU(),
+            nn.Linear(hidden_size, hidden_size), nn.LeakyReLU(),
+            nn.Linear(hidden_size, 1),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) -> (B, L)."""
+        return self.fc(hidden_states).squeeze(-1)
+
+
+class MVCDecoder(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.gene2query = nn.Linear(hidden_size, hidden_size)
+        self.query_activation = nn.Sigmoid()
+        self.W = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, cell_embedding: torch.Tensor, gene_embeddings: torch.Tensor) -> torch.Tensor:
+        """cell (B, H), genes (B, L, H) -> (B, L) predicted values."""
+        query = self.query_activation(self.gene2query(gene_embeddings))
+        return torch.bmm(self.W(query), cell_embedding.unsqueeze(-1)).squeeze(-1)
+
+
+class ScFoundationDecoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
+        self.layers = build_layers(config, config.decoder_num_hidden_layers, config.decoder_hidden_size,
+                                   config.decoder_num_attention_heads, config.decoder_intermediate_size)
+        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.to_final = nn.Linear(config.decoder_hidden_size, 1)
+
+    def forward(self, decoder_inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(B, G, H_enc) -> predictions (B, G), decoder states (B, G, H_dec)."""
+        x = self.embed(decoder_inputs)
+        for layer in self.layers:
+            x = layer(x, attention_mask=attention_mask)
+        x = self.norm(x)
+        return self.to_final(x).squeeze(-1), x

@@ -1,0 +1,178 @@
+"""Checkpoints: DeepSpeed engine state + per-rank loader/RNG state + an atomic "latest" pointer.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    latest                  text file holding the newest COMPLETE tag (DeepSpeed's own format, so DeepSpeed's
+                            `zero_to_fp32.py` and `engine.load_checkpoint(dir)` understand it); replaced atomically
+    global_step100/         DeepSpeed's files (`mp_rank_00_model_states.pt`, `*_optim_states.pt`, ...)
+      rank_00000.pt         this rank's dataset `state_dict()` and RNG states (torch, CUDA, numpy, python)
+      trainer_state.json    step, counters, MLflow run id, world size (rank 0)
+      COMPLETE              written last, after every rank finished and the weights were checked finite
+
+A save killed at any moment leaves a tag without COMPLETE, which is never pointed to by `latest` and is removed by
+the next save; `find_latest` ignores it. A model with non-finite weights is never saved.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from grnformer_ds.training.guards import params_are_finite
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"global_step{step}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` so that readers see the old or the new content, never a torn file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def is_complete(ckpt_root: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_root, tag, COMPLETE))
+
+
+def complete_tags(ckpt_root: str) -> list[str]:
+    """Complete tags under `ckpt_root`, oldest first."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    tags = [t for t in os.listdir(ckpt_root) if _TAG_RE.match(t) and is_complete(ckpt_root, t)]
+    return sorted(tags, key=lambda t: int(_TAG_RE.match(t).group(1)))
+
+
+def find_latest(ckpt_root: str) -> str | None:
+    """The tag to resume from: the one `latest` names when it is complete, else the newest complete tag."""
+    path = os.path.join(ckpt_root, LATEST)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            tag = fh.read().strip()
+        if tag and is_complete(ckpt_root, tag):
+            return tag
+    tags = complete_tags(ckpt_root)
+    return tags[-1] if tags else None
+
+
+def _prune(ckpt_root: str, keep_last: int, current: str) -> None:
+    """Keep the newest `keep_last` complete tags; drop older ones and unfinished leftovers (never `current`)."""
+    keep = set(complete_tags(ckpt_root)[-keep_last:]) | {current}
+    for name in os.listdir(ckpt_root):
+        if _TAG_RE.match(name) and name not in keep:
+            shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+
+
+def save_checkpoint(engine, ckpt_root: str, step: int, trainer_state: dict[str, Any],
+                    rank_state: dict[str, Any], keep_last: int = 2) -> str | None:
+    """Save a complete checkpoint for optimizer step `step` (all ranks call this). Returns the tag, or None when the
+    weights are not finite (nothing is written then).
+
+    `trainer_state` (JSON-able, rank 0's is written) and `rank_state` (any picklable, e.g. the dataset's
+    state_dict; RNG states are added here) are stored next to DeepSpeed's files.
+    """
+    if not params_are_finite(engine.module):
+        return None
+    tag = tag_for_step(step)
+    tag_dir = os.path.join(ckpt_root, tag)
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(ckpt_root, exist_ok=True)
+        if os.path.isdir(tag_dir):  # leftover of a save that was killed (or of a run we resumed before it)
+            shutil.rmtree(tag_dir)
+    _barrier()
+    engine.save_checkpoint(ckpt_root, tag=tag, save_latest=False)
+    os.makedirs(tag_dir, exist_ok=True)
+    _atomic_torch_save({**rank_state, "rng": rng_state()}, os.path.join(tag_dir, f"rank_{rank:05d}.pt"))
+    _barrier()
+    if rank == 0:
+        for name in os.listdir(tag_dir):  # make DeepSpeed's files durable before declaring the tag complete
+            p = os.path.join(tag_dir, name)
+            if os.path.isfile(p):
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        atomic_write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps({**trainer_state, "step": step}, indent=1))
+        atomic_write_text(os.path.join(tag_dir, COMPLETE), tag + "\n")
+        atomic_write_text(os.path.join(ckpt_root, LATEST), tag)
+        _prune(ckpt_root, keep_last, tag)
+    _barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_root: str, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load engine (weights, optimizer, LR scheduler) and return (trainer_state, this rank's rank_state).
+
+    RNG states are NOT restored here: the caller restores them (`set_rng_state(rank_state["rng"])`) after it has
+    rebuilt everything else, so that nothing built afterwards consumes random numbers out of order.
+    """
+    load_path, _ = engine.load_checkpoint(ckpt_root, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_root, tag)}")
+    tag_dir = os.path.join(ckpt_root, tag)
+    with open(os.path.join(tag_dir, TRAINER_STATE), encoding="utf-8") as fh:
+        trainer_state = json.load(fh)
+    rank_file = os.path.join(tag_dir, f"rank_{_rank():05d}.pt")
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    return trainer_state, rank_state

@@ -1,0 +1,107 @@
+"""Export a ZeRO checkpoint (stage 1/2/3, any number of ranks) to a Hugging Face `save_pretrained` folder.
+
+The folder holds `model.safetensors` (fp32 master weights, consolidated), `config.json` with `auto_map`, the
+modeling code (copied by transformers' `custom_object_save` from `grnformer_ds/modeling/`, which only uses relative
+imports) and `vocab.json` (the gene vocabulary). It loads offline without grnformer_ds installed:
+
+    AutoModelForMaskedLM.from_pretrained(HF_DIR, trust_remote_code=True)
+
+A run records what the export needs next to its checkpoints: `model_config.json` (the GRNFormerConfig) and
+`vocab.json`, in the checkpoints folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from grnformer_ds.errors import UserInputError
+from grnformer_ds.training import checkpoint as ckpt
+
+MODEL_CONFIG = "model_config.json"
+VOCAB = "vocab.json"
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """(checkpoints root, tag) for a run's output dir, its `checkpoints/` dir, or one tag dir."""
+    if not os.path.isdir(path):
+        raise UserInputError("checkpoint directory not found", path)
+    if os.path.isfile(os.path.join(path, ckpt.COMPLETE)):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    for root in (path, os.path.join(path, "checkpoints")):
+        tag = ckpt.find_latest(root)
+        if tag is not None:
+            return root, tag
+    raise UserInputError("no complete checkpoint here (expected a run output dir, its checkpoints/ dir or a "
+                         "global_stepN dir with a COMPLETE marker)", path)
+
+
+def write_run_assets(ckpt_root: str, config, vocab: dict[str, int]) -> None:
+    """Record the model config and the gene vocabulary next to the checkpoints (rank 0, once per run)."""
+    os.makedirs(ckpt_root, exist_ok=True)
+    ckpt.atomic_write_text(os.path.join(ckpt_root, MODEL_CONFIG), config.to_json_string())
+    ckpt.atomic_write_text(os.path.join(ckpt_root, VOCAB), json.dumps(vocab, indent=0, sort_keys=False))
+
+
+def load_run_assets(ckpt_root: str):
+    """(GRNFormerConfig, vocab) recorded by `write_run_assets`."""
+    from grnformer_ds.modeling import GRNFormerConfig
+
+    cfg_path = os.path.join(ckpt_root, MODEL_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise UserInputError(f"{MODEL_CONFIG} is missing; was this checkpoint written by launchers/pretrain.py?",
+                             ckpt_root)
+    config = GRNFormerConfig.from_json_file(cfg_path)
+    with open(os.path.join(ckpt_root, VOCAB), encoding="utf-8") as fh:
+        vocab = json.load(fh)
+    return config, vocab
+
+
+def save_hf_folder(model, vocab: dict[str, int], out_dir: str) -> str:
+    """`save_pretrained` with remote code + `vocab.json`. Writes to `<out>.tmp` then renames (no half folder)."""
+    model.config.register_for_auto_class()
+    type(model).register_for_auto_class("AutoModelForMaskedLM")
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(tmp, VOCAB), "w", encoding="utf-8") as fh:
+        json.dump(vocab, fh, indent=0)
+    # The modeling package is flat (relative imports only); copy every module so that imports the class file makes
+    # lazily (e.g. optional attention kernels) resolve too.
+    import grnformer_ds.modeling as modeling_pkg
+
+    pkg_dir = os.path.dirname(modeling_pkg.__file__)
+    for name in sorted(os.listdir(pkg_dir)):
+        if name.endswith(".py") and name != "__init__.py" and not os.path.exists(os.path.join(tmp, name)):
+            shutil.copy2(os.path.join(pkg_dir, name), os.path.join(tmp, name))
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, tag: str | None = None) -> str:
+    """Consolidate the checkpoint's fp32 weights, load them into `GRNFormerForMaskedLM` (strictly) and save the
+    HF folder. Returns `out_dir`."""
+    from grnformer_ds.modeling import GRNFormerForMaskedLM
+    from grnformer_ds.training.engine import consolidate_fp32
+
+    root, found = resolve_checkpoint(checkpoint)
+    tag = tag or found
+    config, vocab = load_run_assets(root)
+    state = consolidate_fp32(root, tag)
+    model = GRNFormerForMaskedLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied/shared parameters are stored once by DeepSpeed; anything else missing is a real mismatch.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserInputError(f"checkpoint does not match the model config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}", os.path.join(root, tag))
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise UserInputError("checkpoint holds non-finite weights", os.path.join(root, tag))
+    model.eval()
+    return save_hf_folder(model, vocab, out_dir)

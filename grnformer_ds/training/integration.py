@@ -1,0 +1,178 @@
+"""Glue between the trainer and the other layers: store (+ demo store with GRN assets), model config and model,
+streaming datasets. Each function turns the other layers' errors into one-line `UserInputError`s."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from grnformer_ds.errors import UserInputError
+
+DEMO_DIR_NAME = "demo_store"
+
+
+def demo_cache_dir(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("GRNFORMER_DS_CACHE") or os.path.join(Path.home(), ".cache", "grnformer_ds")
+
+
+def ensure_demo(cache_dir: str | None = None, say: Callable[[str], None] = print) -> str:
+    """Build (once) and return the demo store: pbmc68k_reduced cells plus GRN assets (graphs)."""
+    from grnformer_ds.store import ensure_demo_store
+    from grnformer_ds.grn import has_grn_assets
+
+    path = os.path.join(demo_cache_dir(cache_dir), DEMO_DIR_NAME)
+    if not os.path.isfile(os.path.join(path, "manifest.json")):
+        say(f"building the demo store in {path} (first use) ...")
+    ensure_demo_store(path)
+    if not has_grn_assets(path):
+        try:
+            from grnformer_ds.grn.demo import ensure_demo_grn
+        except ImportError:
+            say("warning: this grnformer_ds has no demo GRN builder (grnformer_ds.grn.demo); training without graphs")
+            return str(path)
+        say(f"building demo GRN assets in {path}/grn (first use) ...")
+        ensure_demo_grn(path)
+    return str(path)
+
+
+def prepare_store(data: str | None, cache_dir: str | None, is_main: bool, say: Callable[[str], None]) -> str:
+    """The store to train on: `data`, or the demo store (built by rank 0; callers barrier afterwards)."""
+    if data is not None:
+        if not os.path.isdir(data):
+            raise UserInputError("store directory not found", data)
+        return data
+    if is_main:
+        return ensure_demo(cache_dir, say)
+    return os.path.join(demo_cache_dir(cache_dir), DEMO_DIR_NAME)
+
+
+def open_store(path: str):
+    from grnformer_ds.store import open_store as _open
+
+    return _open(path)
+
+
+def store_vocab(store) -> dict[str, int]:
+    return dict(store.vocab)
+
+
+def store_has_graphs(store) -> bool:
+    from grnformer_ds.grn import has_grn_assets
+
+    return has_grn_assets(store.path if hasattr(store, "path") else store.root)
+
+
+def store_summary(store, path: str) -> dict[str, Any]:
+    """Manifest facts worth logging as MLflow params."""
+    m = getattr(store, "manifest", {}) or {}
+    return {"path": os.path.abspath(path), "n_cells": store.n_cells, "n_genes": store.n_genes,
+            "nnz": getattr(store, "nnz", None), "vocab_size": store.vocab_size, "n_cell_types": len(store.cell_types),
+            "vocab_sha256": m.get("vocab_sha256"), "n_shards": len(store.shards), "graphs": store_has_graphs(store),
+            "assets": sorted((m.get("assets") or {}).keys())}
+
+
+def build_model_config(store, preset: str, config_path: str | None, backbone: str | None = None,
+                       use_graph: bool = True):
+    """GRNFormerConfig from a preset + an optional JSON of overrides, sized to the store's vocabulary.
+
+    The store's vocabulary must fit the model: `vocab_size` is the store's unless the JSON sets it, in which case it
+    must be at least the store's; `<pad>`/`<cls>` ids must be the store's.
+    """
+    from grnformer_ds.modeling import PRESETS, GRNFormerConfig
+
+    if preset not in PRESETS:
+        raise UserInputError(f"unknown --model-preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    overrides: dict[str, Any] = {}
+    src = config_path or "--model-preset"
+    if config_path is not None:
+        if not os.path.isfile(config_path):
+            raise UserInputError("model config not found", config_path)
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                overrides = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"invalid JSON at line {exc.lineno}: {exc.msg}", config_path) from None
+        if not isinstance(overrides, dict):
+            raise UserInputError("a model config must be a JSON object", config_path)
+        for k in ("model_type", "architectures", "auto_map", "transformers_version"):
+            overrides.pop(k, None)
+    special = store.special_tokens
+    vocab_size = overrides.pop("vocab_size", None)
+    if vocab_size is not None and vocab_size < store.vocab_size:
+        raise UserInputError(f"the store's vocabulary has {store.vocab_size} tokens but the model config has "
+                             f"vocab_size {vocab_size}; the vocabulary does not fit (drop vocab_size to take the "
+                             f"store's)", src)
+    for key, tok in (("pad_token_id", "<pad>"), ("cls_token_id", "<cls>")):
+        if key in overrides and tok in special and overrides[key] != special[tok]:
+            raise UserInputError(f"{key} is {overrides[key]} but the store's {tok} id is {special[tok]}", src)
+        if tok in special:
+            overrides[key] = special[tok]
+    if backbone is not None:
+        overrides["backbone"] = backbone
+    has_graphs = store_has_graphs(store)
+    if overrides.get("use_graph") and not has_graphs:
+        raise UserInputError("the model config asks for use_graph but the store has no GRN assets "
+                             "(run data_prep/build_grn.py, or pass --no-graph)", src)
+    overrides["use_graph"] = bool(overrides.get("use_graph", True) and use_graph and has_graphs)
+    try:
+        return GRNFormerConfig.from_preset(preset, vocab_size=vocab_size or store.vocab_size, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise UserInputError(" ".join(str(exc).split()), src) from None
+
+
+def wants_zero_init(config) -> bool:
+    """Build under zero.Init only when the transformer alone is big (~>1B params): below that, building the full
+    model on each rank first is simpler and costs only host memory for a moment."""
+    approx = 12 * config.num_hidden_layers * config.hidden_size ** 2
+    return approx > 1e9
+
+
+def build_model(config, zero_init_ctx):
+    """GRNFormerForMaskedLM with the transformer built in `zero_init_ctx` and the torch-geometric structure encoder
+    built outside it (PyG's reset_parameters cannot run on partitioned parameters)."""
+    from grnformer_ds.modeling import GRNFormerForMaskedLM
+
+    with zero_init_ctx:
+        model = GRNFormerForMaskedLM(config, build_structure_encoder=False)
+    model.build_structure_encoder()
+    return model
+
+
+class EvalBatches:
+    """Re-iterable held-out batches that restart from the beginning on every `iter()` (the dataset is stateful:
+    a plain re-iteration after a partial pass would continue where the last evaluation stopped)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._start = dataset.state_dict()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.dataset.load_state_dict(self._start)
+        return iter(self.dataset)
+
+
+def build_datasets(store_path: str, config, settings, resolved, info, args):
+    """(train loader with state_dict/load_state_dict, held-out EvalBatches or None)."""
+    from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset
+
+    kw: dict[str, Any] = dict(batch_size=resolved.micro_batch_size, seed=settings.seed, rank=info.rank,
+                              world_size=info.world_size, backbone=config.backbone, graphs=bool(config.use_graph),
+                              mask_value=config.mask_value, pad_value=config.pad_value)
+    if config.backbone == "scgpt":
+        kw["n_bins"] = config.n_bins
+    if getattr(args, "max_seq_len", None):
+        kw["max_seq_len"] = args.max_seq_len
+    if getattr(args, "mask_ratio", None) is not None:
+        kw["mask_ratio"] = args.mask_ratio
+    if getattr(args, "eval_fraction", None) is not None:
+        kw["eval_fraction"] = args.eval_fraction
+    train = StreamingCellDataset(store_path, split="train", **kw)
+    loader = StatefulCellLoader(train, num_workers=settings.num_workers, pin_memory=info.has_gpu,
+                                prefetch_factor=4 if settings.num_workers else None)
+    eval_batches = None
+    if settings.eval_batches > 0 and kw.get("eval_fraction", 0.05) > 0:
+        eval_batches = EvalBatches(StreamingCellDataset(store_path, split="eval", **kw))
+    return loader, eval_batches

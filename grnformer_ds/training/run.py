@@ -1,0 +1,166 @@
+"""`run_pretraining(args)`: store → streaming dataset → model → DeepSpeed engine → Trainer → HF export.
+
+The launcher (launchers/pretrain.py) only parses arguments; everything here is importable and testable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from argparse import Namespace
+
+import torch
+import torch.distributed as dist
+
+from grnformer_ds.errors import UserInputError
+from grnformer_ds.training import checkpoint as ckpt
+from grnformer_ds.training import integration as I
+from grnformer_ds.training.ds_config import load_ds_config, resolve_ds_config
+from grnformer_ds.training.settings import BatchSettings, OptimSettings, RunSettings
+
+# Demo-run defaults (no --data): a model and schedule that finish in a few minutes on two CPU cores.
+DEMO = dict(preset="debug", max_steps=100, lr=3e-3, eval_every=25, save_every=50, output_dir="runs/demo")
+FULL = dict(preset="small", max_steps=10000, lr=1e-4, eval_every=500, save_every=500, output_dir="runs/pretrain")
+
+
+def _quiet_libraries() -> None:
+    """DeepSpeed/torch print deprecation chatter at every step on CPU; keep the console to our own lines."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def settings_from_args(args: Namespace) -> RunSettings:
+    d = DEMO if args.data is None else FULL
+    return RunSettings(
+        output_dir=args.output_dir or d["output_dir"], data=args.data,
+        max_steps=args.max_steps or d["max_steps"], eval_every=args.eval_every or d["eval_every"],
+        eval_batches=args.eval_batches, save_every=args.save_every or d["save_every"], keep_last=args.keep_last,
+        log_every=args.log_every, seed=args.seed, precision=args.precision, max_nonfinite=args.max_nonfinite,
+        resume=args.resume, num_workers=args.num_workers, export=not args.no_export, progress=not args.no_progress,
+        mlflow_tracking_uri=args.mlflow_tracking_uri, experiment_name=args.experiment_name, run_name=args.run_name,
+        batch=BatchSettings(args.micro_batch_size, args.grad_accum),
+        optim=OptimSettings(lr=args.lr or d["lr"], weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                            min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip))
+
+
+def _saved_mlflow_run_id(settings: RunSettings) -> str | None:
+    """On --resume, the MLflow run of the checkpoint we resume from (so metrics continue in one run)."""
+    if not settings.resume:
+        return None
+    root = os.path.join(settings.output_dir, "checkpoints")
+    tag = ckpt.find_latest(root)
+    if tag is None:
+        return None
+    with open(os.path.join(root, tag, ckpt.TRAINER_STATE), encoding="utf-8") as fh:
+        return json.load(fh).get("mlflow_run_id")
+
+
+def run_pretraining(args: Namespace) -> int:
+    _quiet_libraries()
+    t_start = time.time()
+    settings = settings_from_args(args)
+    raw_cfg = load_ds_config(args.deepspeed_config)  # a missing/invalid JSON fails before anything heavy
+
+    from grnformer_ds.training import engine as E
+    from grnformer_ds.training.guards import NonFiniteLossError
+    from grnformer_ds.training.schedule import build_scheduler
+    from grnformer_ds.training.tracking import Tracker, default_tracking_uri
+    from grnformer_ds.training.trainer import OutOfMemoryHint, Trainer
+
+    info = E.init_distributed(args.local_rank)
+    resolved = resolve_ds_config(raw_cfg, settings, info.world_size, path=args.deepspeed_config,
+                                 has_gpu=info.has_gpu, bf16_supported=E.bf16_supported(info))
+    E.validate_ds_config(resolved, args.deepspeed_config)
+    say = (lambda *a: print(*a, flush=True)) if info.is_main else (lambda *a: None)
+    for note in resolved.notes:
+        say(f"note: {note}")
+    say(f"grnformer_ds pretrain: {info.world_size} rank(s) on {info.device.type}, ZeRO stage {resolved.zero_stage}, "
+        f"{resolved.precision}, micro batch {resolved.micro_batch_size} x accum {resolved.grad_accum} x "
+        f"{info.world_size} = {resolved.train_batch_size} cells/step, {settings.max_steps} steps → "
+        f"{os.path.abspath(settings.output_dir)}")
+
+    # ---- store (the demo store is built once, by rank 0, with GRN graphs)
+    store_path = I.prepare_store(settings.data, args.demo_cache_dir, info.is_main, say)
+    dist.barrier()
+    store = I.open_store(store_path)
+
+    # ---- model config (vocabulary must fit) and model
+    preset = args.model_preset or (DEMO["preset"] if settings.data is None else FULL["preset"])
+    config = I.build_model_config(store, preset, args.config, backbone=args.backbone, use_graph=not args.no_graph)
+    torch.manual_seed(settings.seed)  # identical initial weights on every rank (ZeRO partitions each rank's copy)
+    zero_init = args.zero_init == "on" or (args.zero_init == "auto" and I.wants_zero_init(config))
+    model = I.build_model(config, E.zero_init_context(resolved, enabled=zero_init))
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    say(f"model: preset {preset}, backbone {config.backbone}, graphs {config.use_graph}, {n_params / 1e6:.2f}M "
+        f"parameters{' (zero.Init)' if zero_init and resolved.zero_stage == 3 else ''}")
+
+    # ---- data
+    train_batches, eval_batches = I.build_datasets(store_path, config, settings, resolved, info, args)
+
+    # ---- engine
+    warmup = settings.optim.resolved_warmup(settings.max_steps)
+    o = settings.optim
+    engine = E.build_engine(model, resolved, o.lr, o.weight_decay, o.betas, o.eps,
+                            lambda opt: build_scheduler(opt, warmup, settings.max_steps, o.min_lr_ratio),
+                            has_gpu=info.has_gpu)
+    torch.manual_seed(settings.seed + 1000 * info.rank)  # dropout differs across ranks, reproducibly
+
+    # ---- tracking (rank 0)
+    uri = settings.mlflow_tracking_uri or default_tracking_uri(settings.output_dir)
+    if info.is_main:
+        os.makedirs(settings.output_dir, exist_ok=True)
+    tracker = Tracker(info.is_main and uri.lower() != "none", uri, settings.experiment_name, settings.run_name,
+                      run_id=_saved_mlflow_run_id(settings))
+    ckpt_root = os.path.join(settings.output_dir, "checkpoints")
+    if info.is_main:
+        from grnformer_ds.training.export import write_run_assets
+
+        write_run_assets(ckpt_root, config, I.store_vocab(store))
+        resolved_path = os.path.join(settings.output_dir, "ds_config.resolved.json")
+        ckpt.atomic_write_text(resolved_path, json.dumps(resolved.ds_config, indent=1))
+        tracker.log_params(settings.to_flat_dict(), prefix="run.")
+        tracker.log_params(config.to_diff_dict(), prefix="model.")
+        tracker.log_params({"preset": preset, "n_params": n_params, "world_size": info.world_size,
+                            "device": info.device.type}, prefix="run.")
+        tracker.log_params(resolved.ds_config, prefix="ds.")
+        tracker.log_params(I.store_summary(store, store_path), prefix="store.")
+        tracker.log_artifact(resolved_path, "configs")
+        tracker.log_artifact(os.path.join(ckpt_root, "model_config.json"), "configs")
+        tracker.log_artifact(os.path.join(ckpt_root, "vocab.json"), "configs")
+        if tracker.run_id:
+            say(f"MLflow run {tracker.run_id} at {uri}")
+
+    flops_info = {"n_params": n_params, "n_layers": config.num_hidden_layers, "d_model": config.hidden_size}
+    trainer = Trainer(engine, settings, resolved, train_batches, eval_batches, tracker, info.is_main,
+                      flops_info=flops_info)
+    status = "FAILED"
+    try:
+        trainer.maybe_resume()
+        last = trainer.train()
+        status = "FINISHED"
+    except (NonFiniteLossError, OutOfMemoryHint) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if status != "FINISHED":
+            tracker.end("FAILED")
+    say(f"done: step {trainer.state.step}, loss {last.get('loss', float('nan')):.4f}"
+        + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+        + f", {time.time() - t_start:.0f} s")
+
+    # ---- export (rank 0 consolidates the checkpoint just written; other ranks wait)
+    if settings.export and info.is_main:
+        from grnformer_ds.training.export import export_checkpoint
+
+        hf_dir = export_checkpoint(ckpt_root, os.path.join(settings.output_dir, "hf_model"))
+        tracker.log_artifact(hf_dir, "hf_model")
+        say(f"exported Hugging Face model to {hf_dir}")
+    dist.barrier()
+    tracker.end("FINISHED")
+    return 0

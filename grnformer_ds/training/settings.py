@@ -1,0 +1,101 @@
+"""Run settings: small typed dataclasses filled from the command line (no DeepSpeed, no torch).
+
+Batch size, accumulation, clipping and precision have ONE source of truth: a value may be given either on the
+command line (these settings) or in the DeepSpeed JSON; `ds_config.resolve_ds_config` fills the JSON's "auto"
+fields from the settings and refuses a run where both are given and disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from grnformer_ds.errors import UserInputError
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class BatchSettings:
+    """Per-rank micro batch (cells) and gradient accumulation. None = take it from the DeepSpeed JSON or default."""
+
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
+    default_micro_batch_size: int = 8  # used when neither the JSON nor the command line sets it
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class OptimSettings:
+    """AdamW + linear warmup + cosine decay to `min_lr_ratio * lr` at `max_steps` (optimizer steps)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int | None = None  # None: 5% of max_steps (at least 1)
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = None  # None: JSON value, else 1.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise UserInputError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserInputError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UserInputError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+
+    def resolved_warmup(self, max_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, int(0.05 * max_steps))
+
+
+@dataclass
+class RunSettings:
+    """Everything a pretraining run needs besides the model config and the DeepSpeed JSON."""
+
+    output_dir: str
+    data: str | None = None  # None: the embedded demo store
+    max_steps: int = 200  # optimizer steps
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 50
+    keep_last: int = 2  # complete checkpoints kept (older ones are removed after a newer one is complete)
+    log_every: int = 1
+    seed: int = 0
+    precision: str | None = None  # None: the JSON's explicit choice, else bf16
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    resume: bool = False
+    num_workers: int = 0
+    export: bool = True  # export a HF folder at the end of the run
+    progress: bool = True
+    mlflow_tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
+    experiment_name: str = "grnformer_ds"
+    run_name: str | None = None
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+
+    def __post_init__(self):
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batches < 0:
+            raise UserInputError(f"--eval-batches must be >= 0, got {self.eval_batches}")
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Flat `{"batch.micro_batch_size": 8, ...}` view for MLflow params."""
+        out: dict[str, Any] = {}
+        for k, v in dataclasses.asdict(self).items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out

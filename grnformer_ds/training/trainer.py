@@ -1,0 +1,311 @@
+"""The training loop: accumulation, guards, logging, evaluation, checkpoints and resume.
+
+It knows nothing about DeepSpeed's construction (engine.py), the store or the model class: it drives a DeepSpeed
+engine over a resumable batch source. Each optimizer step consumes `grad_accum` micro-batches with a finite loss
+(a non-finite one is skipped and replaced by the next micro-batch, identically on every rank).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+
+from grnformer_ds.errors import UserInputError
+from grnformer_ds.training import checkpoint as ckpt
+from grnformer_ds.training.ds_config import ResolvedConfig
+from grnformer_ds.training.guards import NonFiniteGuard, is_oom, oom_hint
+from grnformer_ds.training.settings import RunSettings
+from grnformer_ds.training.throughput import batch_counts, peak_flops, train_flops
+from grnformer_ds.training.tracking import Tracker
+
+
+class OutOfMemoryHint(RuntimeError):
+    """A step ran out of memory; the message says what to change."""
+
+
+class ResumableBatches(Protocol):
+    """A re-iterable source of collated micro-batches (dicts of tensors) whose position can be saved/restored.
+
+    `state_dict()` taken between two `next()` calls must make a fresh source (after `load_state_dict`) yield
+    exactly the batches the old one would have yielded next. Iterating again after exhaustion starts a new epoch.
+    """
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint (trainer_state.json)."""
+
+    step: int = 0
+    micro_batches: int = 0
+    cells_seen: int = 0
+    nonpad_tokens_seen: int = 0
+    mlflow_run_id: str | None = None
+    guard: dict = field(default_factory=dict)
+
+
+def _reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def forward_keys(module: torch.nn.Module) -> set[str] | None:
+    """Argument names of `module.forward`, None when it takes **kwargs (then every batch key is passed)."""
+    params = inspect.signature(module.forward).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def _loss_of(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    loss = out["loss"] if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None:
+        raise RuntimeError("the model returned no loss: the batch needs a `labels` key")
+    return loss
+
+
+class Trainer:
+    """Drives `engine` for `settings.max_steps` optimizer steps. Rank 0 logs (MLflow, metrics.jsonl, tqdm)."""
+
+    def __init__(self, engine, settings: RunSettings, resolved: ResolvedConfig, train_batches: ResumableBatches,
+                 eval_batches: Iterable[dict[str, torch.Tensor]] | None, tracker: Tracker, is_main: bool,
+                 flops_info: dict[str, int] | None = None,
+                 on_save: Callable[[str], None] | None = None):
+        self.engine = engine
+        self.s = settings
+        self.resolved = resolved
+        self.train_batches = train_batches
+        self.eval_batches = eval_batches
+        self.tracker = tracker
+        self.is_main = is_main
+        self.device = engine.device
+        self.state = TrainState(mlflow_run_id=tracker.run_id)
+        self.guard = NonFiniteGuard(settings.max_nonfinite)
+        self.ckpt_root = os.path.join(settings.output_dir, "checkpoints")
+        self.metrics_path = os.path.join(settings.output_dir, "metrics.jsonl")
+        if is_main:
+            os.makedirs(settings.output_dir, exist_ok=True)
+        self.keys = forward_keys(engine.module)
+        self.flops_info = flops_info or {}
+        self.peak = peak_flops(self.device)
+        self.on_save = on_save
+        self._it: Iterator | None = None
+        self.last_saved_step = -1
+
+    # ---------------------------------------------------------------- data
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._it = iter(self.train_batches)
+        try:
+            return next(self._it)
+        except StopIteration:  # end of this rank's partition: next epoch
+            self._it = iter(self.train_batches)
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise UserInputError("the training split yields no batches (too few cells for the micro batch "
+                                     "on this many ranks?)") from None
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in batch.items():
+            if self.keys is not None and k not in self.keys:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, non_blocking=True)
+            out[k] = v
+        return out
+
+    # ---------------------------------------------------------------- resume
+    def maybe_resume(self) -> None:
+        if not self.s.resume:
+            return
+        tag = ckpt.find_latest(self.ckpt_root)
+        if tag is None:
+            if self.is_main:
+                print(f"--resume: no complete checkpoint under {self.ckpt_root}; starting from step 0", flush=True)
+            return
+        with open(os.path.join(self.ckpt_root, tag, ckpt.TRAINER_STATE), encoding="utf-8") as fh:
+            saved = json.load(fh)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if saved.get("world_size", world) != world:
+            raise UserInputError(f"checkpoint was written by {saved['world_size']} ranks but this run has {world}; "
+                                 f"resume with the same number of ranks (or export it with launchers/export_hf.py)",
+                                 os.path.join(self.ckpt_root, tag))
+        for key, now in (("micro_batch_size", self.resolved.micro_batch_size),
+                         ("grad_accum", self.resolved.grad_accum)):
+            if saved.get(key, now) != now:
+                raise UserInputError(f"checkpoint used {key}={saved[key]} but this run has {now}; the data order "
+                                     f"would differ — resume with the same batch settings",
+                                     os.path.join(self.ckpt_root, tag))
+        trainer_state, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_root, tag)
+        self.state = TrainState(**{k: trainer_state[k] for k in TrainState.__dataclass_fields__ if k in trainer_state})
+        self.guard.load_state_dict(self.state.guard)
+        self.train_batches.load_state_dict(rank_state["data"])
+        self._it = None
+        ckpt.set_rng_state(rank_state["rng"])
+        self.last_saved_step = self.state.step
+        if self.is_main:
+            self._truncate_metrics(self.state.step)
+            print(f"resumed from {os.path.join(self.ckpt_root, tag)} at step {self.state.step}", flush=True)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines a killed run wrote after the checkpoint we resume from (they will be redone)."""
+        if not os.path.isfile(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as fh:
+            keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        ckpt.atomic_write_text(self.metrics_path, "".join(keep))
+
+    # ---------------------------------------------------------------- checkpoint
+    def save(self) -> str | None:
+        self.state.guard = self.guard.state_dict()
+        self.state.mlflow_run_id = self.tracker.run_id if self.is_main else self.state.mlflow_run_id
+        trainer_state = {**self.state.__dict__, "world_size": self.resolved.world_size,
+                         "micro_batch_size": self.resolved.micro_batch_size, "grad_accum": self.resolved.grad_accum,
+                         "zero_stage": self.resolved.zero_stage, "precision": self.resolved.precision}
+        tag = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, trainer_state,
+                                   {"data": self.train_batches.state_dict()}, keep_last=self.s.keep_last)
+        if tag is None:
+            if self.is_main:
+                print(f"warning: weights are not finite at step {self.state.step}; checkpoint NOT written",
+                      flush=True)
+            return None
+        self.last_saved_step = self.state.step
+        if self.on_save is not None:
+            self.on_save(tag)
+        return tag
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean masked-value loss over `eval_batches` held-out batches (the same batches at every evaluation;
+        the source restarts when shorter, so every rank runs the same number of forwards — ZeRO-3 needs that)."""
+        if self.eval_batches is None or self.s.eval_batches == 0:
+            return None
+        self.engine.eval()
+        total, n = 0.0, 0.0
+        it = iter(self.eval_batches)
+        for _ in range(self.s.eval_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(self.eval_batches)
+                batch = next(it)
+            loss = _loss_of(self.engine(**self._to_device(batch))).float()
+            if torch.isfinite(loss):
+                total, n = total + loss.item(), n + 1
+        self.engine.train()
+        total, n = _reduce_sum([total, n], self.device)
+        return total / n if n else float("nan")
+
+    # ---------------------------------------------------------------- training
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step (grad_accum finite micro-batches). Returns this rank's sums for logging."""
+        t0 = time.perf_counter()
+        t_data = 0.0
+        done, loss_sum, cells, tokens, nonpad, skipped = 0, 0.0, 0, 0, 0, 0
+        digest = hashlib.sha1()
+        while done < self.resolved.grad_accum:
+            td = time.perf_counter()
+            batch = self._next_batch()
+            if "cell_index" in batch:
+                digest.update(batch["cell_index"].cpu().numpy().tobytes())
+            dev_batch = self._to_device(batch)
+            t_data += time.perf_counter() - td
+            loss = _loss_of(self.engine(**dev_batch))
+            self.state.micro_batches += 1
+            if not self.guard.is_finite(loss):
+                skipped += 1
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            done += 1
+            loss_sum += loss.detach().float().item()
+            c, t, npd = batch_counts(batch)
+            cells, tokens, nonpad = cells + c, tokens + t, nonpad + npd
+        self.state.step += 1
+        return {"loss_sum": loss_sum, "n": done, "cells": cells, "tokens": tokens, "nonpad": nonpad,
+                "skipped": skipped, "time": time.perf_counter() - t0, "data_time": t_data,
+                "digest": digest.hexdigest()[:16]}
+
+    def _log(self, r: dict[str, float], eval_loss: float | None, bar) -> dict[str, float]:
+        loss_sum, n, cells, tokens, nonpad = _reduce_sum(
+            [r["loss_sum"], r["n"], r["cells"], r["tokens"], r["nonpad"]], self.device)
+        self.state.cells_seen += int(cells)
+        self.state.nonpad_tokens_seen += int(nonpad)
+        dt = max(r["time"], 1e-9)
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else None
+        m = {"loss": loss_sum / max(n, 1), "lr": float(self.engine.get_lr()[0]), "grad_norm": gn,
+             "cells_per_s": cells / dt, "tokens_per_s": tokens / dt, "nonpad_tokens_per_s": nonpad / dt,
+             "step_time_s": dt, "data_time_s": r["data_time"], "skipped_nonfinite": float(self.guard.total_skipped)}
+        if eval_loss is not None:
+            m["eval_loss"] = eval_loss
+        if self.device.type == "cuda":
+            m["gpu_mem_max_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self.peak and self.flops_info.get("n_params"):
+                seq = tokens / max(cells, 1)
+                fl = train_flops(self.flops_info["n_params"], tokens, self.flops_info.get("n_layers", 0), int(seq),
+                                 self.flops_info.get("d_model", 0))
+                m["mfu"] = fl / dt / (self.peak * self.resolved.world_size)
+        if self.is_main:
+            self.tracker.log_metrics(m, step=self.state.step)
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": self.state.step, **m, "data_digest": r["digest"]}) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", cells_s=f"{m['cells_per_s']:.0f}", refresh=False)
+        return m
+
+    def train(self) -> dict[str, float]:
+        """Run until `max_steps`; returns the last logged metrics. Saves at `save_every` and at the end."""
+        self.engine.train()
+        bar = None
+        if self.is_main and self.s.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.s.max_steps, initial=self.state.step, desc="pretrain", unit="step",
+                       dynamic_ncols=True)
+        last: dict[str, float] = {}
+        try:
+            while self.state.step < self.s.max_steps:
+                r = self._train_step()
+                step = self.state.step
+                eval_loss = self.evaluate() if (step % self.s.eval_every == 0 or step == self.s.max_steps) else None
+                if step % self.s.log_every == 0 or eval_loss is not None or step == self.s.max_steps:
+                    last = self._log(r, eval_loss, bar)
+                if bar is not None:
+                    bar.update(1)
+                if step % self.s.save_every == 0 and step != self.s.max_steps:
+                    self.save()
+            if self.last_saved_step != self.state.step:
+                self.save()
+        except RuntimeError as exc:
+            if is_oom(exc):
+                raise OutOfMemoryHint(oom_hint(self.resolved.micro_batch_size, self.resolved.zero_stage)) from exc
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return last
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

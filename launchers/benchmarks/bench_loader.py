@@ -1,0 +1,352 @@
+"""Loader throughput: StreamingCellDataset vs bionemo-scdl SingleCellMemMapDataset vs AnnData backed mode.
+
+All three read the same cells (one synthetic count matrix, written once as .h5ad; the store and the SCDL memmap are
+built from it) and are timed twice:
+
+* ``raw``: rows only (what each loader gives out of the box: our `CellRows` via the block-shuffle reader, SCDL's
+  ``collate_sparse_matrix_batch`` CSR tensor, AnnData's backed ``X[sorted random rows]``);
+* ``tokenized+graphs``: the same ready-to-train batch for all: scGPT tokenization + masking + both graph scales +
+  edge perturbation (alpha 0.2). Ours is `StreamingCellDataset`; the baselines feed their rows to the same collator
+  and graph builder inside their DataLoader workers (so the difference is the data access).
+
+Usage::
+
+    python launchers/benchmarks/bench_loader.py --workdir /tmp/grnformer_bench --n-cells 20000 --workers 0 2 \
+        --out BENCH.md
+
+Synthetic GRN assets (random regulons / cell-type GRNs / co-expression graph, 30 % of regulons active per cell)
+stand in for build_grn.py output: only their sizes matter here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grnformer_ds.errors import cli_main
+
+CELL_TYPES = [f"type{i}" for i in range(10)]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def make_h5ad(path: Path, n_cells: int, n_genes: int, genes_per_cell: int, seed: int) -> None:
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    nnz_per_cell = rng.integers(genes_per_cell // 2, genes_per_cell * 3 // 2, n_cells)
+    indptr = np.r_[0, np.cumsum(nnz_per_cell)].astype(np.int64)
+    p = rng.gamma(0.5, 1.0, n_genes)
+    p /= p.sum()
+    indices = np.concatenate([np.sort(rng.choice(n_genes, k, replace=False, p=p)) for k in nnz_per_cell])
+    data = (rng.geometric(0.4, indptr[-1])).astype(np.float32)
+    X = sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(n_cells, n_genes))
+    obs = pd.DataFrame({"cell_type": pd.Categorical(rng.choice(CELL_TYPES, n_cells), categories=CELL_TYPES)},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=[f"GENE{j:05d}" for j in range(n_genes)])
+    ad.AnnData(X=X, obs=obs, var=var).write_h5ad(path)
+
+
+def make_grn(store: Path, n_regulons: int, seed: int) -> None:
+    from grnformer_ds.grn import GRNAssets, write_grn_assets, write_shard_regulon_activity
+    from grnformer_ds.store import open_store
+
+    rng = np.random.default_rng(seed)
+    st = open_store(store)
+    G = st.n_genes
+    a = GRNAssets.empty(st.gene_names, st.cell_types)
+    tfs = rng.choice(G, n_regulons, replace=False)
+    targets = [np.sort(rng.choice(G, rng.integers(20, 200), replace=False)) for _ in tfs]
+    a.regulon_names = np.array([f"R{i}(+)" for i in range(n_regulons)])
+    a.regulon_tf = tfs.astype(np.int32)
+    a.regulon_indptr = np.r_[0, np.cumsum([len(t) for t in targets])].astype(np.int64)
+    a.regulon_target = np.concatenate(targets).astype(np.int32)
+    a.regulon_weight = rng.random(len(a.regulon_target)).astype(np.float32)
+    a.regulon_sign = np.ones(len(a.regulon_target), np.int8)
+    src, dst = [], []
+    for _ in st.cell_types:
+        s = rng.choice(tfs, 5000)
+        d = rng.integers(0, G, 5000)
+        key = np.unique(s.astype(np.int64) * G + d)
+        src.append(key // G), dst.append(key % G)
+    a.celltype_indptr = np.r_[0, np.cumsum([len(s) for s in src])].astype(np.int64)
+    a.celltype_src = np.concatenate(src).astype(np.int32)
+    a.celltype_dst = np.concatenate(dst).astype(np.int32)
+    a.celltype_weight = rng.random(len(a.celltype_src)).astype(np.float32)
+    a.celltype_sign = np.ones(len(a.celltype_src), np.int8)
+    k = 20  # co-expression: 20 neighbours per gene
+    a.coexpr_indptr = (np.arange(G + 1) * k).astype(np.int64)
+    a.coexpr_indices = np.concatenate([np.sort(rng.choice(G, k, replace=False)) for _ in range(G)]).astype(np.int32)
+    a.coexpr_data = rng.random(G * k).astype(np.float32)
+    a.tf_mask = np.isin(np.arange(G), tfs)
+    write_grn_assets(store, a)
+    for path, rec in zip(st.shard_paths, st.shards):
+        active = rng.random((rec["n_cells"], n_regulons)) < 0.3
+        write_shard_regulon_activity(path, active.astype(np.float32), active, a.regulon_names)
+
+
+def prepare(workdir: Path, args) -> tuple[Path, Path, Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    h5ad, store, scdl = workdir / "cells.h5ad", workdir / "store", workdir / "scdl"
+    tag = workdir / "params.json"
+    params = {k: getattr(args, k) for k in ("n_cells", "n_genes", "genes_per_cell", "n_regulons", "seed")}
+    if tag.exists() and json.loads(tag.read_text()) == params and (store / "grn").exists() and scdl.exists():
+        return h5ad, store, scdl
+    t = time.perf_counter()
+    make_h5ad(h5ad, args.n_cells, args.n_genes, args.genes_per_cell, args.seed)
+    print(f"h5ad written in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    from grnformer_ds.store import build_store
+
+    t = time.perf_counter()
+    build_store([str(h5ad)], store, cell_type_key="cell_type", overwrite=True, progress=False)
+    print(f"store built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    make_grn(store, args.n_regulons, args.seed)
+    from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+
+    t = time.perf_counter()
+    SingleCellMemMapDataset(str(scdl), h5ad_path=str(h5ad), use_X_not_raw=True)
+    print(f"SCDL memmap built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    tag.write_text(json.dumps(params))
+    return h5ad, store, scdl
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+class _Tokenize:
+    """Baseline post-processing = our collator + graph builder on rows given by another loader (picklable)."""
+
+    def __init__(self, store: Path, batch_size: int):
+        from grnformer_ds.data import GraphBuilder, ScGPTCollator
+        from grnformer_ds.grn import read_grn_assets, read_shard_active_regulons
+        from grnformer_ds.store import open_store
+
+        st = open_store(store)
+        self.collator = ScGPTCollator(st.token_ids, pad_id=st.vocab["<pad>"], cls_id=st.vocab["<cls>"])
+        self.graphs = GraphBuilder(read_grn_assets(store), alpha=0.2)
+        # per-cell metadata in the input (h5ad) order: the baselines index cells by h5ad row
+        names, ct, bits = [], [], []
+        for i, p in enumerate(st.shard_paths):
+            sh = st.read_shard(i)
+            names.append(sh.obs_names.to_numpy()), ct.append(sh.obs["cell_type"].cat.codes.to_numpy())
+            bits.append(read_shard_active_regulons(p))
+        order = np.argsort(np.array([int(n.split("cell")[-1]) for n in np.concatenate(names)]))
+        self.cell_type = np.concatenate(ct)[order].astype(np.int64)
+        self.bits = np.concatenate(bits)[order]
+        self.count = 0
+
+    def __call__(self, idx: np.ndarray, indptr, indices, data):
+        from grnformer_ds.data import CellRows
+        from grnformer_ds.data.sampler import batch_rng
+
+        rows = CellRows(indptr=np.asarray(indptr, np.int64), indices=np.asarray(indices, np.int32),
+                        data=np.asarray(data, np.float32), cell_index=np.asarray(idx, np.int64),
+                        cell_type=self.cell_type[idx], active_regulons=self.bits[idx])
+        self.count += 1
+        out, slot = self.collator(rows, batch_rng(0, 0, self.count, 0))
+        out.update(self.graphs(slot, rows.cell_type, rows.active_regulons, batch_rng(0, 0, self.count, 1), True))
+        return out
+
+
+class _ScdlIndexed(torch.utils.data.Dataset):
+    """SCDL rows with their index, so the collate can attach per-cell metadata."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.ds = None
+
+    def __len__(self):
+        from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+
+        if self.ds is None:
+            self.ds = SingleCellMemMapDataset(self.path)
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+
+        if self.ds is None:
+            self.ds = SingleCellMemMapDataset(self.path)
+        return i, self.ds[i]
+
+
+class _ScdlCollate:
+    def __init__(self, tokenize: _Tokenize | None):
+        self.tokenize = tokenize
+
+    def __call__(self, items):
+        from bionemo.scdl.util.torch_dataloader_utils import collate_sparse_matrix_batch
+
+        idx = np.array([i for i, _ in items])
+        csr = collate_sparse_matrix_batch([t for _, t in items])  # SCDL's own collate
+        if self.tokenize is None:
+            return csr
+        return self.tokenize(idx, csr.crow_indices().numpy(), csr.col_indices().numpy(), csr.values().numpy())
+
+
+class _AnnDataBacked(torch.utils.data.IterableDataset):
+    """AnnData backed mode, random access: each batch reads X[sorted random rows] from the .h5ad."""
+
+    def __init__(self, h5ad: Path, batch_size: int, n_batches: int, tokenize: _Tokenize | None):
+        self.h5ad, self.batch_size, self.n_batches, self.tokenize = h5ad, batch_size, n_batches, tokenize
+
+    def __iter__(self):
+        import anndata as ad
+
+        info = torch.utils.data.get_worker_info()
+        w, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        adata = ad.read_h5ad(self.h5ad, backed="r")
+        rng = np.random.default_rng(w)
+        for _ in range(w, self.n_batches, nw):
+            idx = np.sort(rng.choice(adata.n_obs, self.batch_size, replace=False))
+            x = adata.X[idx]  # scipy CSR rows read from HDF5
+            if self.tokenize is None:
+                yield torch.from_numpy(x.indptr.astype(np.int64))
+            else:
+                yield self.tokenize(idx, x.indptr, x.indices, x.data)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def _time(make_loader, n_batches: int, batch_size: int, warmup: int = 2) -> tuple[float, float]:
+    """(cells per wall-clock second, cells per CPU second of this process) over n_batches after `warmup` batches
+    (worker start-up excluded). The CPU rate is only meaningful without workers: it is what one core sustains,
+    whatever the load of the (shared) machine."""
+    it = iter(make_loader())
+    for _ in range(warmup):
+        next(it)
+    t, c = time.perf_counter(), time.process_time()
+    n = 0
+    for _ in range(n_batches):
+        try:
+            next(it)
+        except StopIteration:
+            break
+        n += 1
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    del it
+    return n * batch_size / wall, n * batch_size / max(cpu, 1e-9)
+
+
+def run(args) -> list[dict]:
+    """Per (workers, mode): the three loaders are timed in `rounds` interleaved rounds (ours, SCDL, AnnData, ours,
+    ...) so that load changes on a shared machine hit all three alike; the median round is reported."""
+    from torch.utils.data import DataLoader
+
+    from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset
+
+    h5ad, store, scdl = prepare(Path(args.workdir), args)
+    B = args.batch_size
+    tok = _Tokenize(store, B)
+    results = []
+    for nw in args.workers:
+        mp = {"multiprocessing_context": "forkserver"} if nw else {}
+        for mode in ("raw", "tokenized+graphs"):
+            def ours(seed):
+                if mode == "raw":
+                    ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0)
+                    raw = _RawOurs(ds, args.batches + 2 + nw)
+                    return raw if nw == 0 else DataLoader(raw, batch_size=None, num_workers=nw, **mp)
+                ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0, edge_perturbation=0.2)
+                assert ds.graphs
+                return StatefulCellLoader(ds, num_workers=nw)
+
+            def scdl_loader(seed):
+                torch.manual_seed(seed)
+                return DataLoader(_ScdlIndexed(str(scdl)), batch_size=B, shuffle=True, num_workers=nw,
+                                  collate_fn=_ScdlCollate(None if mode == "raw" else tok), **mp)
+
+            def anndata_loader(seed):
+                ab = _AnnDataBacked(h5ad, B, args.anndata_batches + 2 + nw, None if mode == "raw" else tok)
+                return DataLoader(ab, batch_size=None, num_workers=nw, **mp)
+
+            rounds = {"grnformer_ds": [], "scdl": [], "anndata_backed": []}
+            for r in range(args.rounds):
+                rounds["grnformer_ds"].append(_time(lambda: ours(r), args.batches, B))
+                rounds["scdl"].append(_time(lambda: scdl_loader(r), args.batches, B))
+                rounds["anndata_backed"].append(_time(lambda: anndata_loader(r), args.anndata_batches, B))
+            row = {"workers": nw, "mode": mode}
+            for name, got in rounds.items():
+                row[name] = float(np.median([g[0] for g in got]))
+                row[name + "_cpu"] = float(np.median([g[1] for g in got]))
+            row["vs_scdl"] = row["grnformer_ds"] / row["scdl"]
+            row["vs_anndata"] = row["grnformer_ds"] / row["anndata_backed"]
+            print(json.dumps(row), file=sys.stderr)
+            results.append(row)
+    return results
+
+
+class _RawOurs(torch.utils.data.IterableDataset):
+    """Our read path only (plan + block reader + gather), no tokenization."""
+
+    def __init__(self, ds, n_batches: int):
+        self.ds, self.n_batches = ds, n_batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        plan = self.ds.plan()
+        for s in range(w, min(self.n_batches, plan.n_steps), nw):
+            rows = self.ds._rows(plan, plan.step_cells(s))
+            yield torch.from_numpy(rows.indptr)
+
+
+def report(results: list[dict], args) -> str:
+    load = os.getloadavg()
+    lines = [
+        f"## Loader benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"Command: `python launchers/benchmarks/bench_loader.py {' '.join(sys.argv[1:])}`",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, shared with other jobs "
+        f"(load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}), local disk, torch "
+        f"{torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}.",
+        f"Data: {args.n_cells} synthetic cells x {args.n_genes} genes, ~{args.genes_per_cell} nonzero genes per cell, "
+        f"{args.n_regulons} regulons (30 % active per cell), 10 cell-type GRNs of 5,000 edges, co-expression graph "
+        f"with 20 neighbours per gene; batch size {args.batch_size}; max_seq_len 1200; {args.batches} timed batches "
+        f"({args.anndata_batches} for AnnData) after 2 warm-up batches, median of {args.rounds} interleaved rounds.",
+        "Wall-clock cells/s; with 0 workers also cells per CPU-second of the loading process (= one core's rate, "
+        "independent of the machine's load).",
+        "",
+        "| workers | batch | grnformer_ds cells/s | SCDL cells/s | AnnData backed cells/s | x SCDL | x AnnData |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cpu = lambda k: f" ({r[k + '_cpu']:,.0f}/CPU-s)" if r["workers"] == 0 else ""
+        lines.append(f"| {r['workers']} | {r['mode']} | {r['grnformer_ds']:,.0f}{cpu('grnformer_ds')} | "
+                     f"{r['scdl']:,.0f}{cpu('scdl')} | {r['anndata_backed']:,.0f}{cpu('anndata_backed')} | "
+                     f"{r['vs_scdl']:.2f} | {r['vs_anndata']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+@cli_main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="/tmp/grnformer_bench")
+    p.add_argument("--n-cells", type=int, default=20000)
+    p.add_argument("--n-genes", type=int, default=5000)
+    p.add_argument("--genes-per-cell", type=int, default=1000)
+    p.add_argument("--n-regulons", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--anndata-batches", type=int, default=10)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="append the markdown table to this file")
+    args = p.parse_args(argv)
+    results = run(args)
+    text = report(results, args)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Pretrain GRNFormer with DeepSpeed.
+
+    deepspeed launchers/pretrain.py --deepspeed_config ds_configs/zero3.json
+
+With no --data it trains on the embedded demo store (built with GRN graphs on first use under the cache dir) with
+the `debug` preset and a short schedule: on CPU when there is no GPU, on every visible GPU otherwise. Run settings
+(batch, accumulation, clipping, precision) may be given here or in the DeepSpeed JSON, never both with different
+values. Everything the run writes goes to --output-dir: checkpoints/, metrics.jsonl, mlflow.db, hf_model/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from grnformer_ds.errors import cli_main  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default=None, help="store directory (data_prep/build_store.py); default: the demo store")
+    g.add_argument("--demo-cache-dir", default=None,
+                   help="where the demo store is built (default $GRNFORMER_DS_CACHE or ~/.cache/grnformer_ds)")
+    g.add_argument("--model-preset", default=None,
+                   help="debug | small | scgpt-base | base (default: debug for the demo store, small otherwise)")
+    g.add_argument("--config", default=None,
+                   help="GRNFormerConfig JSON; its fields override the preset's (vocab_size is taken from the store)")
+    g.add_argument("--backbone", default=None, choices=("scgpt", "scfoundation"), help="override the backbone")
+    g.add_argument("--no-graph", action="store_true", help="train the plain backbone (no GRN structure encoder)")
+    g.add_argument("--max-seq-len", type=int, default=None, help="genes per cell (default: dataset default)")
+    g.add_argument("--mask-ratio", type=float, default=None, help="fraction of genes masked (default: dataset's)")
+    g.add_argument("--eval-fraction", type=float, default=None, help="held-out fraction of cells for evaluation")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes per rank")
+
+    g = p.add_argument_group("schedule and batch (one source of truth with the DeepSpeed JSON)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 100 demo / 10000)")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="cells per rank per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 demo / 1e-4)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of max-steps)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--grad-clip", type=float, default=None, help="max global grad norm (default: JSON or 1.0)")
+    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="mixed precision (default: the JSON's, else bf16)")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--output-dir", default=None, help="run directory (default: runs/demo or runs/pretrain)")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 25 demo / 500)")
+    g.add_argument("--eval-batches", type=int, default=4, help="held-out micro-batches per evaluation and rank")
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: 50 demo / 500)")
+    g.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    g.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many NaN/Inf losses in a row")
+    g.add_argument("--no-export", action="store_true", help="skip the HF export at the end of the run")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--mlflow-tracking-uri", default=None,
+                   help="MLflow tracking URI (default sqlite:///<output-dir>/mlflow.db); 'none' disables MLflow")
+    g.add_argument("--experiment-name", default="grnformer_ds")
+    g.add_argument("--run-name", default=None)
+
+    g = p.add_argument_group("DeepSpeed")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   default=os.path.join(REPO, "ds_configs", "zero3.json"), help="DeepSpeed JSON")
+    g.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted for HF-style commands
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    g.add_argument("--zero-init", choices=("auto", "on", "off"), default="auto",
+                   help="build the transformer inside deepspeed.zero.Init under ZeRO-3 (auto: for models that do "
+                        "not fit one device comfortably)")
+    return p
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from grnformer_ds.training.run import run_pretraining
+
+    return run_pretraining(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

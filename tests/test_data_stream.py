@@ -1,0 +1,338 @@
+"""StreamingCellDataset on small hand-made stores: determinism, reshuffle, partition, equal batch counts, exact
+resume (also with DataLoader workers), graphs, clear errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from grnformer_ds.errors import UserInputError
+
+N_GENES = 40
+CELL_TYPES = ["B", "T", "NK"]
+
+
+def make_store(root: Path, n_cells: int = 203, shard_sizes=(120, 83), grn: bool = True, seed: int = 0) -> Path:
+    """A complete store (DESIGN.md sections 1-2) written with the store and GRN writers: Poisson counts over 40
+    genes, 3 cell types, 6 regulons, a cell-type GRN per type and a co-expression graph."""
+    from grnformer_ds.store.manifest import write_manifest
+    from grnformer_ds.store.vocab import vocab_sha256
+    from grnformer_ds.store.writer import write_shard
+
+    rng = np.random.default_rng(seed)
+    genes = [f"G{j:03d}" for j in range(N_GENES)]
+    vocab = {"<pad>": 0, "<cls>": 1, "<eoc>": 2} | {g: j + 3 for j, g in enumerate(genes)}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    x = rng.poisson(rng.gamma(0.5, 3.0, size=(n_cells, N_GENES))).astype(np.float32)
+    x[:, 0] += 1
+    ctype = rng.integers(0, len(CELL_TYPES), n_cells)
+    var = pd.DataFrame({"token_id": np.arange(N_GENES, dtype=np.int32) + 3}, index=pd.Index(genes))
+    shards, offset = [], 0
+    for i, n in enumerate(shard_sizes):
+        rows = slice(offset, offset + n)
+        X = sp.csr_matrix(x[rows])
+        obs = pd.DataFrame({
+            "cell_index": np.arange(offset, offset + n, dtype=np.int64),
+            "cell_type": pd.Categorical.from_codes(ctype[rows], categories=CELL_TYPES),
+            "source_file": pd.Categorical(["a.h5ad"] * n),
+            "library_size": x[rows].sum(1).astype(np.float32),
+            "n_genes": (x[rows] > 0).sum(1).astype(np.int32),
+        }, index=pd.Index([f"c{k}" for k in range(offset, offset + n)]))
+        path = f"shards/shard-{i:06d}.zarr"
+        write_shard(root / path, X, obs, var)
+        shards.append({"path": path, "n_cells": n, "nnz": int(X.nnz), "cell_offset": offset, "checksum": "x"})
+        offset += n
+    assert offset == n_cells
+    write_manifest(root, {
+        "format": "grnformer_ds.store", "schema_version": 1, "complete": True, "n_cells": n_cells,
+        "n_genes": N_GENES, "nnz": int((x > 0).sum()), "vocab_size": N_GENES + 3,
+        "special_tokens": {"<pad>": 0, "<cls>": 1, "<eoc>": 2}, "vocab_sha256": vocab_sha256(vocab), "cell_type_key": "ct",
+        "cell_types": CELL_TYPES, "shards": shards, "inputs": [], "seed": 0, "created_utc": "now", "assets": {}})
+    if grn:
+        _add_grn(root, shards, rng)
+    return root
+
+
+def hand_grn(genes):
+    """Hand-made GRN assets over 40 genes: regulons r -> TF 2r with targets 2r+1..2r+5 (weight = target / 100)."""
+    from grnformer_ds.grn import GRNAssets
+
+    a = GRNAssets.empty(genes, CELL_TYPES)
+    tfs = np.arange(6) * 2
+    targets = [np.arange(t + 1, t + 6) for t in tfs]
+    a.regulon_names = np.array([f"G{t:03d}(+)" for t in tfs])
+    a.regulon_tf = tfs.astype(np.int32)
+    a.regulon_indptr = np.r_[0, np.cumsum([len(t) for t in targets])].astype(np.int64)
+    a.regulon_target = np.concatenate(targets).astype(np.int32)
+    a.regulon_weight = (a.regulon_target / 100).astype(np.float32)
+    a.regulon_sign = np.ones(len(a.regulon_target), np.int8)
+    a.regulon_threshold = np.zeros(6, np.float32)
+    src, dst, ptr = [], [], [0]
+    for c in range(len(CELL_TYPES)):  # type c: TF 0 and TF 10+c regulate 20..29
+        s = np.repeat([0, 10 + c], 10)
+        d = np.tile(np.arange(20, 30), 2)
+        src.append(s), dst.append(d), ptr.append(ptr[-1] + len(s))
+    a.celltype_indptr = np.array(ptr, np.int64)
+    a.celltype_src = np.concatenate(src).astype(np.int32)
+    a.celltype_dst = np.concatenate(dst).astype(np.int32)
+    a.celltype_weight = np.full(len(a.celltype_src), 0.5, np.float32)
+    a.celltype_sign = np.ones(len(a.celltype_src), np.int8)
+    co = sp.random(N_GENES, N_GENES, density=0.3, random_state=1, format="csr", dtype=np.float32)
+    co = ((co + co.T) > 0).astype(np.float32).tocsr()
+    co.setdiag(0)
+    co.eliminate_zeros()
+    co.data = np.full(co.nnz, 0.9, np.float32)
+    a.coexpr_indptr, a.coexpr_indices, a.coexpr_data = co.indptr.astype(np.int64), co.indices.astype(np.int32), co.data
+    a.tf_mask = np.isin(np.arange(N_GENES), tfs)
+    return a
+
+
+def _add_grn(root: Path, shards, rng):
+    from grnformer_ds.grn import write_grn_assets, write_shard_regulon_activity
+
+    genes = [f"G{j:03d}" for j in range(N_GENES)]
+    a = hand_grn(genes)
+    write_grn_assets(root, a)
+    for s in shards:
+        active = rng.random((s["n_cells"], 6)) < 0.5
+        write_shard_regulon_activity(root / s["path"], active.astype(np.float32), active, a.regulon_names)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store") / "s")
+
+
+def _ds(store, **kw):
+    from grnformer_ds.data import StreamingCellDataset
+
+    kw.setdefault("batch_size", 16)
+    kw.setdefault("seed", 0)
+    return StreamingCellDataset(store, **kw)
+
+
+def _cells(batches):
+    return [b["cell_index"].tolist() for b in batches]
+
+
+def test_defaults_work_and_keys_match_design(store):
+    ds = _ds(store)
+    assert ds.graphs  # store has GRN assets -> graphs on by default
+    b = next(iter(ds))
+    B, L = b["input_ids"].shape
+    assert B == 16
+    expect = {"input_ids": torch.int64, "values": torch.float32, "attention_mask": torch.bool,
+              "labels": torch.float32, "cell_index": torch.int64, "cell_type_ids": torch.int64,
+              "celltype_edge_index": torch.int64, "celltype_edge_weight": torch.float32,
+              "cell_edge_index": torch.int64, "cell_edge_weight": torch.float32, "batch": torch.int64,
+              "ptr": torch.int64}
+    assert {k: v.dtype for k, v in b.items()} == expect
+    assert b["batch"].shape == (B * L,) and torch.equal(b["ptr"], torch.arange(B + 1) * L)
+    assert b["celltype_edge_index"].shape[0] == 2 and b["cell_edge_index"].shape[1] == b["cell_edge_weight"].shape[0]
+    assert (b["input_ids"][:, 0] == 1).all()
+    real = b["attention_mask"].clone()
+    real[:, 0] = False  # <cls> is an isolated node
+    for key in ("celltype_edge_index", "cell_edge_index"):
+        assert real.reshape(-1)[b[key]].all()  # edges only between gene tokens
+        assert (b["batch"][b[key][0]] == b["batch"][b[key][1]]).all()  # never across cells
+
+
+def test_scfoundation_backbone_batches(store):
+    ds = _ds(store, backbone="scfoundation")
+    b = next(iter(ds))
+    B, L = b["input_ids"].shape
+    assert b["decoder_values"].shape == b["labels"].shape == b["decoder_input_ids"].shape == (B, N_GENES)
+    assert b["total_counts"].shape == (B, 2) and b["total_counts"].dtype == torch.float32
+    assert b["attention_mask"].reshape(-1)[b["cell_edge_index"]].all()
+    assert torch.equal(b["ptr"], torch.arange(B + 1) * L)
+
+
+
+def test_deterministic_by_seed_and_reshuffled_by_epoch(store):
+    a = list(_ds(store, graphs=False))
+    b = list(_ds(store, graphs=False))
+    for x, y in zip(a, b):
+        for k in x:
+            assert torch.equal(x[k], y[k])
+    other_seed = list(_ds(store, seed=1, graphs=False))
+    assert _cells(a) != _cells(other_seed)
+    ds = _ds(store, graphs=False)
+    e0 = list(ds)
+    assert ds.epoch == 1  # a finished epoch moves on
+    e1 = list(ds)
+    assert _cells(e0) != _cells(e1)
+    assert sorted(sum(_cells(e0), [])) != sum(_cells(e0), [])  # shuffled
+    ds.set_epoch(0)
+    assert _cells(list(ds)) == _cells(e0)
+
+
+def _collect(store, rank, world_size, num_workers, **kw):
+    from grnformer_ds.data import StatefulCellLoader
+
+    ds = _ds(store, rank=rank, world_size=world_size, **kw)
+    return list(StatefulCellLoader(ds, num_workers=num_workers)), ds
+
+
+def test_two_ranks_two_workers_cover_every_cell_once_per_epoch(tmp_path):
+    store = make_store(tmp_path / "even", n_cells=160, shard_sizes=(64, 96), grn=False)
+    seen = []
+    for rank in range(2):
+        batches, ds = _collect(store, rank, 2, 2, eval_fraction=0.0, batch_size=8, block_size=8, buffer_blocks=4)
+        assert len(batches) == len(ds) == 10
+        seen += sum(_cells(batches), [])
+        # the loader returns the batches in step order although two workers built them
+        assert _cells(batches) == _cells([ds.batch(s, ds.plan(0)) for s in range(10)])
+    assert sorted(seen) == list(range(160))
+
+
+def test_equal_batch_counts_with_odd_cells_drop_and_pad(store):
+    # 203 cells, train split = 203 - round(0.05 * 203) = 193 cells: odd, not a multiple of B * W = 2 * 16
+    n_train = 193
+    counts, seen = [], []
+    for rank in range(2):
+        ds = _ds(store, rank=rank, world_size=2, graphs=False)
+        got = list(ds)
+        counts.append(len(got))
+        seen += sum(_cells(got), [])
+    assert counts == [n_train // 32] * 2
+    assert len(seen) == len(set(seen)) == (n_train // 32) * 32 and max(seen) < n_train  # dropped, never repeated
+    counts, seen = [], []
+    for rank in range(2):
+        ds = _ds(store, rank=rank, world_size=2, graphs=False, drop_last=False)
+        got = list(ds)
+        counts.append(len(got))
+        seen += sum(_cells(got), [])
+    assert counts == [-(-n_train // 32)] * 2
+    assert set(seen) == set(range(n_train)) and len(seen) == counts[0] * 32  # all cells, padded by repeats
+
+
+def test_eval_split_is_held_out_and_fixed(store):
+    ev = _ds(store, split="eval", graphs=False)
+    tr = _ds(store, graphs=False, drop_last=False)
+    ev_cells = set(sum(_cells(list(ev)), []))
+    assert ev_cells == set(range(193, 203))
+    assert not ev_cells & set(sum(_cells(list(tr)), []))
+    p1, p2 = list(ev), list(ev)
+    for x, y in zip(p1, p2):  # same masks every evaluation pass
+        assert torch.equal(x["values"], y["values"])
+    assert len(_ds(store, split="all", graphs=False, drop_last=False)) == -(-203 // 16)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exact_mid_epoch_resume(store, num_workers):
+    from grnformer_ds.data import StatefulCellLoader
+
+    def run(ds, n=None):
+        loader = StatefulCellLoader(ds, num_workers=num_workers)
+        out = []
+        for b in loader:
+            out.append(b)
+            if n is not None and len(out) == n:
+                break
+        return out, loader.state_dict()
+
+    full = _ds(store, batch_size=8, edge_perturbation=0.5)
+    full.set_epoch(2)
+    reference = list(full)  # in-process: batches are a function of (seed, epoch, batch index) only
+    reference += list(full)[:2]  # continues into epoch 3
+
+    first = _ds(store, batch_size=8, edge_perturbation=0.5)
+    first.set_epoch(2)
+    head, state = run(first, n=5)
+    assert state["epoch"] == 2 and state["batches_consumed"] == 5
+    resumed = _ds(store, batch_size=8, edge_perturbation=0.5)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
+    resumed.set_epoch(2)  # trainer re-entering the epoch keeps the position
+    tail, state = run(resumed)
+    assert state["epoch"] == 3 and state["batches_consumed"] == 0
+    tail += run(resumed)[0][:2]
+    got = head + tail
+    assert len(got) == len(reference)
+    for x, y in zip(got, reference):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_resume_refuses_mismatched_settings(store):
+    state = _ds(store, graphs=False).state_dict()
+    with pytest.raises(UserInputError, match="batch_size"):
+        _ds(store, graphs=False, batch_size=4).load_state_dict(state)
+
+
+def test_zarr_reader_gives_the_same_batches(store):
+    a = list(_ds(store, reader="tensorstore"))
+    b = list(_ds(store, reader="zarr"))
+    for x, y in zip(a, b):
+        for k in x:
+            assert torch.equal(x[k], y[k])
+
+
+def test_batches_hold_the_stored_cells(store):
+    """Tokens and bins come from the right rows: compare with anndata's own reading of the shards."""
+    import anndata as ad
+
+    from grnformer_ds.data.binning import normalize_log1p
+
+    shards = [ad.read_zarr(p) for p in sorted((store / "shards").glob("*.zarr"))]
+    X = sp.vstack([s.X for s in shards]).toarray()
+    ct = np.concatenate([s.obs["cell_type"].cat.codes.to_numpy() for s in shards])
+    ds = _ds(store, mask_ratio=0.0, graphs=False)
+    for b in list(ds)[:3]:
+        for i, c in enumerate(b["cell_index"].tolist()):
+            genes = np.flatnonzero(X[c])
+            assert b["cell_type_ids"][i] == ct[c]
+            ids = b["input_ids"][i][b["attention_mask"][i]].numpy()
+            np.testing.assert_array_equal(ids[1:], genes + 3)
+            vals = b["values"][i, 1:len(ids)].numpy()
+            expr = normalize_log1p(X[c, genes])
+            # bins are monotone in expression (tied values spread over a range of bins, as in scGPT)
+            levels = np.unique(expr)
+            lo = [vals[expr == v].min() for v in levels]
+            hi = [vals[expr == v].max() for v in levels]
+            assert all(h <= l2 for h, l2 in zip(hi[:-1], lo[1:]))
+            assert vals.min() >= 1 and vals.max() <= 50
+
+
+def test_errors_for_incomplete_store_and_missing_grn(tmp_path, store):
+    bare = make_store(tmp_path / "bare", n_cells=40, shard_sizes=(40,), grn=False)
+    assert not _ds(bare, batch_size=4).graphs
+    with pytest.raises(UserInputError, match="no GRN assets"):
+        _ds(bare, batch_size=4, graphs=True)
+    broken = tmp_path / "broken"
+    shutil.copytree(bare, broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(UserInputError, match="manifest"):
+        _ds(broken, batch_size=4)
+    m = json.loads((bare / "manifest.json").read_text())
+    m["complete"] = False
+    (broken / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserInputError, match="incomplete"):
+        _ds(broken, batch_size=4)
+    m["complete"] = True
+    (broken / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(broken / "shards" / "shard-000000.zarr" / "X" / "data")
+    with pytest.raises(UserInputError, match="X/data"):  # detected when a worker first reads the shard
+        next(iter(_ds(broken, batch_size=4)))
+    with pytest.raises(UserInputError, match="fewer than batch_size"):
+        _ds(bare, batch_size=64)
+    with pytest.raises(UserInputError, match="max_seq_len"):
+        _ds(bare, batch_size=4, max_seq_len=1)
+    with pytest.raises(UserInputError, match="rank 2"):
+        _ds(bare, batch_size=4, rank=2, world_size=2)
+    with pytest.raises(UserInputError, match="split"):
+        _ds(bare, batch_size=4, split="test")
+
+
+if __name__ == "__main__":
+    import sys, tempfile
+    d = Path(tempfile.mkdtemp())
+    make_store(d / "s")
+    print(d)

@@ -1,0 +1,340 @@
+"""End-to-end tests of the user's main command, `deepspeed launchers/pretrain.py --deepspeed_config ...`, on the
+real demo store (built once per session, with GRN graphs): 1 and 2 ranks, ZeRO-3 / ZeRO-2 / ZeRO-3 offload, loss
+decrease, kill -9 + --resume, MLflow read back from a real `mlflow server`, export → offline reload in a fresh
+process, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(REPO, "launchers", "pretrain.py")
+CFG = {k: os.path.join(REPO, "ds_configs", f"{k}.json") for k in ("zero3", "zero2", "zero3_offload")}
+STEPS = 30  # the reference run: checkpoints and evaluations at 15 and 30
+COMMON = ["--max-steps", str(STEPS), "--save-every", "15", "--eval-every", "15", "--lr", "5e-3", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by in-process engine tests
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def _cmd(args, ranks: int | None = 1, launcher: bool = True) -> list[str]:
+    if not launcher:
+        return [sys.executable, PRETRAIN, *args]
+    ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    head = [ds, "--master_port", str(_free_port())] + (["--num_gpus", str(ranks)] if ranks and ranks > 1 else [])
+    return head + [PRETRAIN, *args]
+
+
+def _run(args, ranks=1, launcher=True, timeout=240) -> subprocess.CompletedProcess:
+    p = subprocess.run(_cmd(args, ranks, launcher), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def _metrics(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(x) for x in fh if x.strip()]
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """One demo store (cells + GRN assets) shared by every run in the session."""
+    from grnformer_ds.training.integration import ensure_demo
+
+    d = os.environ.get("XX_DEV_CACHE") or str(tmp_path_factory.mktemp("demo_cache"))
+    ensure_demo(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (random free port), killed (process group) at the end."""
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination",
+                             str(d / "artifacts")], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=open(d / "server.log", "w"), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_cache, mlflow_server, tmp_path_factory):
+    """The README's main command (1 rank, ZeRO-3, bf16) for STEPS steps, logging to the MLflow server."""
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
+              "--mlflow-tracking-uri", mlflow_server, "--experiment-name", "test-ref", *COMMON])
+    return out, p
+
+
+def test_main_command_trains_on_demo_graphs_and_loss_decreases(reference_run):
+    out, p = reference_run
+    assert "ZeRO stage 3, bf16" in p.stdout and "graphs True" in p.stdout, p.stdout
+    m = _metrics(out)
+    assert [x["step"] for x in m] == list(range(1, STEPS + 1))
+    losses = [x["loss"] for x in m]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.7 * first, losses  # a real decrease on the demo data, not noise
+    evals = [x["eval_loss"] for x in m if "eval_loss" in x]
+    assert len(evals) == 2 and evals[1] < evals[0] and evals[1] < 0.7 * first
+    assert all(x["cells_per_s"] > 0 and x["nonpad_tokens_per_s"] > 0 for x in m)
+    from grnformer_ds.training.checkpoint import complete_tags, find_latest
+
+    ck = os.path.join(out, "checkpoints")
+    assert find_latest(ck) == f"global_step{STEPS}" and complete_tags(ck) == ["global_step15", "global_step30"]
+    assert os.path.isfile(os.path.join(out, "hf_model", "model.safetensors"))
+
+
+def test_mlflow_run_read_back_from_server(reference_run, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    out, _ = reference_run
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("test-ref")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    params = run.data.params
+    assert params["ds.zero_optimization.stage"] == "3" and params["ds.bf16.enabled"] == "true"
+    assert params["ds.train_micro_batch_size_per_gpu"] == "8" and params["store.n_cells"] == "700"
+    assert params["model.hidden_size"] == "32" and params["run.preset"] == "debug"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    m = _metrics(out)
+    assert sorted((h.step, round(h.value, 4)) for h in history) == [(x["step"], round(x["loss"], 4)) for x in m]
+    for key in ("eval_loss", "lr", "grad_norm", "cells_per_s", "nonpad_tokens_per_s", "step_time_s"):
+        assert key in run.data.metrics, key
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "hf_model")}
+    assert "hf_model/model.safetensors" in arts and "hf_model/config.json" in arts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "configs")} >= {
+        "configs/ds_config.resolved.json", "configs/model_config.json", "configs/vocab.json"}
+
+
+def test_kill9_then_resume_reproduces_the_uninterrupted_run(reference_run, demo_cache, tmp_path):
+    ref_out, _ = reference_run
+    out = str(tmp_path / "run")
+    args = ["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out, *COMMON]
+    proc = subprocess.Popen(_cmd(args, launcher=False), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = os.path.join(out, "checkpoints", "latest")
+    deadline = time.time() + 180
+    while not os.path.exists(latest) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 mid-run
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed = _metrics(out)
+    assert 15 <= len(killed) < STEPS  # it got past the first checkpoint and not to the end
+    p = _run(args + ["--resume"], launcher=False)
+    assert "resumed from" in p.stdout and "at step 15" in p.stdout
+    ref, res = _metrics(ref_out), _metrics(out)
+    assert [x["step"] for x in res] == list(range(1, STEPS + 1))
+    assert [x["data_digest"] for x in res] == [x["data_digest"] for x in ref]  # exact data order
+    for a, b in zip(ref, res):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a["step"], a["loss"], b["loss"])
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-6)
+    assert res[-1]["eval_loss"] == pytest.approx(ref[-1]["eval_loss"], rel=1e-2)
+    # the resumed run continued the killed run's MLflow run (its id is in the checkpoint)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(out, "mlflow.db"))
+    runs = client.search_runs([client.get_experiment_by_name("grnformer_ds").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {h.step for h in client.get_metric_history(runs[0].info.run_id, "loss")} == set(range(1, STEPS + 1))
+
+
+_RELOAD = textwrap.dedent("""
+    import sys, torch
+    try:
+        import grnformer_ds  # the fake package must shadow any installed one
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("grnformer_ds is importable in the reload process")
+    from transformers import AutoModelForMaskedLM
+    model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True).eval()
+    assert not type(model).__module__.startswith("grnformer_ds"), type(model).__module__
+    batch = torch.load(sys.argv[2])
+    with torch.no_grad():
+        out = model(**batch)
+    torch.save({"predictions": out.predictions, "cell_embedding": out.cell_embedding, "loss": out.loss}, sys.argv[3])
+""")
+
+
+def _eval_batches(store, world_size: int, n: int) -> list[list[dict]]:
+    """The held-out batches each rank evaluates on (same settings as the launcher's)."""
+    from grnformer_ds.data import StreamingCellDataset
+
+    out = []
+    for r in range(world_size):
+        ds = StreamingCellDataset(store, batch_size=8, seed=0, rank=r, world_size=world_size, split="eval")
+        it, got = iter(ds), []
+        while len(got) < n:
+            try:
+                got.append(next(it))
+            except StopIteration:
+                it = iter(ds)
+        out.append(got)
+    return out
+
+
+def test_export_reloads_offline_in_a_fresh_process_with_identical_outputs(reference_run, demo_cache, tmp_path):
+    from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForMaskedLM
+    from grnformer_ds.training.engine import consolidate_fp32
+
+    out, _ = reference_run
+    hf = os.path.join(out, "hf_model")  # written by the run itself at the end
+    assert json.load(open(os.path.join(hf, "config.json")))["auto_map"]["AutoModelForMaskedLM"].startswith(
+        "modeling_grnformer.")
+    assert json.load(open(os.path.join(hf, "vocab.json"))) == json.load(
+        open(os.path.join(demo_cache, "demo_store", "vocab.json")))
+    # reference: the trained fp32 master weights in grnformer_ds's own class
+    ck = os.path.join(out, "checkpoints")
+    ref_model = GRNFormerForMaskedLM(GRNFormerConfig.from_json_file(os.path.join(ck, "model_config.json")))
+    ref_model.load_state_dict(consolidate_fp32(ck), strict=True)
+    batch = _eval_batches(os.path.join(demo_cache, "demo_store"), 1, 1)[0][0]
+    assert batch["cell_edge_index"].shape[1] > 0  # the comparison covers the GRN path too
+    with torch.no_grad():
+        ref = ref_model.eval()(**batch)
+    torch.save(batch, tmp_path / "batch.pt")
+    fake = tmp_path / "fake" / "grnformer_ds"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('grnformer_ds must not be needed to load the export')\n")
+    (tmp_path / "reload.py").write_text(_RELOAD)
+    env = _env(PYTHONPATH=str(tmp_path / "fake"), HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    p = subprocess.run([sys.executable, str(tmp_path / "reload.py"), hf, str(tmp_path / "batch.pt"),
+                        str(tmp_path / "got.pt")], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = torch.load(tmp_path / "got.pt")
+    assert torch.equal(got["predictions"], ref.predictions)
+    assert torch.equal(got["cell_embedding"], ref.cell_embedding)
+    assert torch.equal(got["loss"], ref.loss)
+
+
+def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_path):
+    """2 CPU ranks via `deepspeed --num_gpus 2`; launchers/export_hf.py consolidates the world-size-2 ZeRO-3
+    checkpoint; the exported model's held-out loss equals the run's own final eval loss (bf16 run, fp32 export)."""
+    out = str(tmp_path / "run")
+    p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
+              "--max-steps", "6", "--eval-every", "6", "--save-every", "6", "--no-progress", "--no-export",
+              "--mlflow-tracking-uri", "none"], ranks=2)
+    assert "2 rank(s)" in p.stdout
+    m = _metrics(out)
+    assert [x["step"] for x in m] == list(range(1, 7))
+    state = json.load(open(os.path.join(out, "checkpoints", "global_step6", "trainer_state.json")))
+    assert state["world_size"] == 2 and state["cells_seen"] == 6 * 8 * 2
+    hf = str(tmp_path / "hf")
+    e = subprocess.run([sys.executable, os.path.join(REPO, "launchers", "export_hf.py"), "--checkpoint", out,
+                        "--out", hf], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert e.returncode == 0 and "exported to" in e.stdout, e.stderr[-2000:]
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(hf, trust_remote_code=True).eval()
+    losses = []
+    with torch.no_grad():
+        for rank_batches in _eval_batches(os.path.join(demo_cache, "demo_store"), 2, 4):
+            losses += [model(**b).loss.item() for b in rank_batches]
+    assert sum(losses) / len(losses) == pytest.approx(m[-1]["eval_loss"], rel=3e-2)
+
+
+def test_two_ranks_zero2(demo_cache, tmp_path):
+    out = str(tmp_path / "run")
+    p = _run(["--deepspeed_config", CFG["zero2"], "--demo-cache-dir", demo_cache, "--output-dir", out,
+              "--max-steps", "3", "--save-every", "3", "--eval-every", "3", "--no-progress", "--no-export",
+              "--mlflow-tracking-uri", "none"], ranks=2)
+    assert "2 rank(s) on cpu, ZeRO stage 2" in p.stdout
+    assert len(_metrics(out)) == 3
+    assert os.path.isfile(os.path.join(out, "checkpoints", "global_step3", "COMPLETE"))
+
+
+def test_zero3_offload_one_rank(demo_cache, tmp_path):
+    out = str(tmp_path / "run")
+    p = _run(["--deepspeed_config", CFG["zero3_offload"], "--demo-cache-dir", demo_cache, "--output-dir", out,
+              "--max-steps", "2", "--save-every", "2", "--eval-every", "2", "--no-progress", "--no-export",
+              "--mlflow-tracking-uri", "none"], launcher=False)
+    assert "ZeRO stage 3" in p.stdout and len(_metrics(out)) == 2
+    assert os.path.isfile(os.path.join(out, "checkpoints", "global_step2", "COMPLETE"))
+
+
+def _bad(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
+    cfg = _bad(tmp_path, "ds.json", '{"zero_optimization": {"stage": 3,}}')
+    p = subprocess.run(_cmd(["--deepspeed_config", cfg, "--output-dir", str(tmp_path / "run")], launcher=False),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: invalid JSON at line 1 column "), p.stderr
+
+
+@pytest.mark.parametrize("case", ["disagreement", "deepspeed_rejects", "vocab_too_small"])
+def test_bad_input_is_one_line_and_exit_2(case, demo_cache, tmp_path, capsys):
+    """Through the CLI entry point in this process (a process group is already up or started here)."""
+    sys.path.insert(0, os.path.join(REPO, "launchers"))
+    import pretrain
+
+    args = ["--demo-cache-dir", demo_cache, "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+            "--no-progress", "--mlflow-tracking-uri", "none"]
+    if case == "disagreement":
+        cfg = _bad(tmp_path, "ds.json", json.dumps({"train_micro_batch_size_per_gpu": 8}))
+        args += ["--micro-batch-size", "4"]
+        needle = '"train_micro_batch_size_per_gpu" is 8 but --micro-batch-size is 4'
+    elif case == "deepspeed_rejects":
+        cfg = _bad(tmp_path, "ds.json", json.dumps({"zero_optimization": {"stage": 3, "bogus_key": 1}}))
+        needle = "ds.json: invalid DeepSpeed config"
+    else:
+        cfg = CFG["zero3"]
+        args += ["--config", _bad(tmp_path, "model.json", json.dumps({"vocab_size": 10}))]
+        needle = "vocabulary does not fit"
+    capsys.readouterr()
+    assert pretrain.main(["--deepspeed_config", cfg, *args]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], errors

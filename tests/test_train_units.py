@@ -1,0 +1,227 @@
+"""Unit tests of grnformer_ds.training that need no store and no GRNFormer model: config resolution (one source of
+truth), the LR schedule, checkpoint atomics, and a single-rank ZeRO-3 engine (in this process) driving a toy model
+through the real Trainer: the non-finite guard, the no-NaN-checkpoint rule, and exact resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from grnformer_ds.errors import UserInputError
+from grnformer_ds.training import checkpoint as ckpt
+from grnformer_ds.training.ds_config import load_ds_config, resolve_ds_config
+from grnformer_ds.training.schedule import warmup_cosine_factor
+from grnformer_ds.training.settings import BatchSettings, OptimSettings, RunSettings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZERO3 = os.path.join(REPO, "ds_configs", "zero3.json")
+
+
+def _settings(tmp_path, **kw):
+    batch = BatchSettings(kw.pop("micro", None), kw.pop("accum", None))
+    optim = OptimSettings(lr=kw.pop("lr", 1e-4), grad_clip=kw.pop("clip", None))
+    return RunSettings(output_dir=str(tmp_path), batch=batch, optim=optim, **kw)
+
+
+# ------------------------------------------------------------------ config resolution
+def test_auto_fields_filled_from_settings(tmp_path):
+    r = resolve_ds_config(load_ds_config(ZERO3), _settings(tmp_path, micro=4, accum=3), world_size=2)
+    c = r.ds_config
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (4, 3, 24)
+    assert c["bf16"]["enabled"] is True and c["fp16"]["enabled"] is False
+    assert c["gradient_clipping"] == 1.0 and r.zero_stage == 3 and r.client_optimizer
+    assert c["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_json_values_are_used_when_cli_is_silent(tmp_path):
+    cfg = {"train_micro_batch_size_per_gpu": 5, "train_batch_size": 40, "bf16": {"enabled": False},
+           "fp16": {"enabled": False}, "gradient_clipping": 0.5}
+    r = resolve_ds_config(cfg, _settings(tmp_path), world_size=2)
+    assert (r.micro_batch_size, r.grad_accum, r.precision) == (5, 4, "fp32")  # accum derived like DeepSpeed does
+    assert r.ds_config["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize("cfg,kw,needle", [
+    ({"train_micro_batch_size_per_gpu": 8}, {"micro": 4}, "--micro-batch-size"),
+    ({"gradient_accumulation_steps": 2}, {"accum": 3}, "--grad-accum"),
+    ({"train_batch_size": 10}, {"micro": 4, "accum": 1}, "train_batch_size"),
+    ({"gradient_clipping": 1.0}, {"clip": 2.0}, "--grad-clip"),
+    ({"bf16": {"enabled": True}}, {"precision": "fp32"}, "--precision"),
+    ({"scheduler": {"type": "WarmupLR"}}, {}, "scheduler"),
+    ({"zero_optimization": {"stage": 7}}, {}, "stage"),
+])
+def test_disagreement_is_refused(tmp_path, cfg, kw, needle):
+    with pytest.raises(UserInputError, match=needle) as ei:
+        resolve_ds_config(cfg, _settings(tmp_path, **kw), world_size=1, path="my.json")
+    assert "my.json" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_offload_config_resolves_for_cpu(tmp_path):
+    path = os.path.join(REPO, "ds_configs", "zero3_offload.json")
+    r = resolve_ds_config(load_ds_config(path), _settings(tmp_path, lr=3e-4), world_size=1, has_gpu=False)
+    p = r.ds_config["optimizer"]["params"]
+    assert p["lr"] == 3e-4 and p["torch_adam"] is True and not r.client_optimizer
+    assert r.ds_config["zero_optimization"]["offload_param"]["pin_memory"] is False
+
+
+def test_precision_falls_back_clearly_only_when_nobody_chose(tmp_path):
+    r = resolve_ds_config(load_ds_config(ZERO3), _settings(tmp_path), world_size=1, bf16_supported=False)
+    assert r.precision == "fp32" and r.ds_config["bf16"]["enabled"] is False and "falling back" in r.notes[0]
+    with pytest.raises(UserInputError, match="bf16 is not supported"):
+        resolve_ds_config(load_ds_config(ZERO3), _settings(tmp_path, precision="bf16"), world_size=1,
+                          bf16_supported=False)
+    with pytest.raises(UserInputError, match="fp16 mixed precision needs a GPU"):
+        resolve_ds_config(load_ds_config(ZERO3), _settings(tmp_path, precision="fp16"), world_size=1)
+
+
+def test_bad_json_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
+    with pytest.raises(UserInputError, match=r"bad.json: invalid JSON at line 1"):
+        load_ds_config(str(bad))
+    with pytest.raises(UserInputError, match="not found"):
+        load_ds_config(str(tmp_path / "missing.json"))
+
+
+# ------------------------------------------------------------------ schedule
+def test_warmup_cosine_reference_points():
+    f = [warmup_cosine_factor(s, 10, 110, 0.1) for s in range(0, 130)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert f[10] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half way down the cosine
+    assert f[110] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)  # floor after max_steps
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay
+
+
+# ------------------------------------------------------------------ checkpoint atomics
+def test_find_latest_ignores_interrupted_save(tmp_path):
+    root = str(tmp_path)
+    for step, complete in ((10, True), (20, True), (30, False)):
+        d = tmp_path / ckpt.tag_for_step(step)
+        d.mkdir()
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if complete:
+            (d / ckpt.COMPLETE).write_text("ok")
+    assert ckpt.find_latest(root) == "global_step20"  # no `latest` file: newest complete tag
+    (tmp_path / ckpt.LATEST).write_text("global_step30")  # a pointer to an unfinished tag is not trusted
+    assert ckpt.find_latest(root) == "global_step20"
+    (tmp_path / ckpt.LATEST).write_text("global_step10")
+    assert ckpt.find_latest(root) == "global_step10"
+    assert ckpt.complete_tags(root) == ["global_step10", "global_step20"]
+
+
+# ------------------------------------------------------------------ a real single-rank ZeRO-3 engine
+class ToyMLM(torch.nn.Module):
+    """Regress `labels` from `values`; a batch whose `poison` flag is set produces a NaN loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                                       torch.nn.Linear(32, 8))
+
+    def forward(self, input_ids, values, attention_mask=None, labels=None, poison=None):
+        pred = self.net(values.to(self.net[0].weight.dtype)).float()
+        loss = ((pred - labels) ** 2).mean()
+        if poison is not None and bool(poison.any()):
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+class ToyBatches:
+    """Resumable source of 64 fixed random batches; `poison` marks batches that yield a NaN loss."""
+
+    def __init__(self, n=64, poison=()):
+        g = torch.Generator().manual_seed(0)
+        self.data = []
+        for i in range(n):
+            v = torch.randn(4, 8, generator=g)
+            self.data.append({"input_ids": torch.zeros(4, 8, dtype=torch.long), "values": v,
+                              "attention_mask": torch.ones(4, 8, dtype=torch.bool), "labels": v.flip(1) * 2,
+                              "cell_index": torch.arange(4 * i, 4 * i + 4), "poison": torch.tensor([i in poison])})
+        self.pos = 0
+
+    def __iter__(self):
+        while self.pos < len(self.data):
+            self.pos += 1
+            yield self.data[self.pos - 1]
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
+@pytest.fixture(scope="module")
+def dist_info():
+    from grnformer_ds.training.engine import init_distributed
+
+    return init_distributed()
+
+
+def _trainer(tmp_path, dist_info, max_steps, poison=(), resume=False, max_nonfinite=3, save_every=100):
+    from grnformer_ds.training.engine import build_engine
+    from grnformer_ds.training.schedule import build_scheduler
+    from grnformer_ds.training.tracking import Tracker
+    from grnformer_ds.training.trainer import Trainer
+
+    s = _settings(tmp_path, micro=4, accum=2, lr=1e-2, max_steps=max_steps, save_every=save_every, eval_every=1000,
+                  resume=resume, max_nonfinite=max_nonfinite, progress=False, precision="bf16")
+    r = resolve_ds_config(load_ds_config(ZERO3), s, dist_info.world_size)
+    torch.manual_seed(0)
+    eng = build_engine(ToyMLM(), r, 1e-2, 0.0, (0.9, 0.999), 1e-8,
+                       lambda o: build_scheduler(o, 2, max_steps, 0.1), has_gpu=False)
+    return Trainer(eng, s, r, ToyBatches(poison=poison), None, Tracker(False, "", ""), is_main=True)
+
+
+def _metrics(tmp_path):
+    with open(tmp_path / "metrics.jsonl") as fh:
+        return [json.loads(x) for x in fh]
+
+
+def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, dist_info):
+    from grnformer_ds.training.guards import NonFiniteLossError
+
+    t = _trainer(tmp_path / "a", dist_info, max_steps=4, poison={1, 2})
+    t.train()
+    m = _metrics(tmp_path / "a")
+    # step 1 used batches 0 and 3 (1 and 2 skipped), step 2 batches 4, 5, ...: 8 finite + 2 skipped micro-batches
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and m[-1]["skipped_nonfinite"] == 2
+    assert t.state.micro_batches == 10 and all(math.isfinite(x["loss"]) for x in m)
+    t = _trainer(tmp_path / "b", dist_info, max_steps=4, poison={2, 3, 4}, max_nonfinite=3)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite"):
+        t.train()
+
+
+def test_checkpoint_never_holds_nonfinite_weights(tmp_path, dist_info):
+    t = _trainer(tmp_path, dist_info, max_steps=1)
+    t.train()
+    assert ckpt.find_latest(str(tmp_path / "checkpoints")) == "global_step1"
+    p = next(t.engine.module.parameters())
+    p.ds_tensor.data[0] = float("nan")  # ZeRO-3: this rank's partition
+    t.state.step = 2
+    assert t.save() is None
+    assert ckpt.find_latest(str(tmp_path / "checkpoints")) == "global_step1"
+    assert not (tmp_path / "checkpoints" / "global_step2").exists()
+
+
+def test_resume_reproduces_losses_and_data_order(tmp_path, dist_info):
+    full = _trainer(tmp_path / "full", dist_info, max_steps=6)
+    full.train()
+    part = _trainer(tmp_path / "part", dist_info, max_steps=6, save_every=3)
+    part.s.max_steps = 3  # stop after the checkpoint at step 3, as a killed run would have
+    part.train()
+    resumed = _trainer(tmp_path / "part", dist_info, max_steps=6, resume=True)
+    resumed.maybe_resume()
+    assert resumed.state.step == 3
+    resumed.train()
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "part")
+    assert [x["step"] for x in b] == list(range(1, 7))
+    assert [x["data_digest"] for x in a] == [x["data_digest"] for x in b]
+    for x, y in zip(a, b):  # same dropout masks and optimizer state → same losses (bitwise on one CPU rank)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+        assert y["lr"] == pytest.approx(x["lr"], rel=1e-9)
