@@ -22,8 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default=None, help="store directory (data_prep/build_store.py); default: the demo store")
     g.add_argument("--demo-cache-dir", default=None,
@@ -37,40 +36,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=None, help="genes per cell (default: dataset default)")
     g.add_argument("--mask-ratio", type=float, default=None, help="fraction of genes masked (default: dataset's)")
     g.add_argument("--eval-fraction", type=float, default=None, help="held-out fraction of cells for evaluation")
-    g.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes per rank")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data-loading worker processes per rank (default: 0 on CPU, up to 4 per GPU)")
 
     g = p.add_argument_group("schedule and batch (one source of truth with the DeepSpeed JSON)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 100 demo / 10000)")
-    g.add_argument("--micro-batch-size", type=int, default=None, help="cells per rank per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="cells per rank per micro-batch (default: JSON or 8)")
+    g.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default: JSON or 1)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 demo / 1e-4)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of max-steps)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (0.1)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01; none on 1-d params)")
     g.add_argument("--grad-clip", type=float, default=None, help="max global grad norm (default: JSON or 1.0)")
     g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="mixed precision (default: the JSON's, else bf16)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="data order, masking and initial weights (0)")
 
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--output-dir", default=None, help="run directory (default: runs/demo or runs/pretrain)")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 25 demo / 500)")
-    g.add_argument("--eval-batches", type=int, default=4, help="held-out micro-batches per evaluation and rank")
+    g.add_argument("--eval-batches", type=int, default=4, help="held-out micro-batches per evaluation and rank (4)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: 50 demo / 500)")
-    g.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
-    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep (2)")
+    g.add_argument("--log-every", type=int, default=1, help="log metrics every N steps (1)")
     g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    g.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many NaN/Inf losses in a row")
+    g.add_argument("--overwrite-output-dir", action="store_true",
+                   help="start over in an --output-dir that holds another run's checkpoints (deletes them)")
+    g.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many NaN/Inf losses in a row (5)")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end of the run")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("--mlflow-tracking-uri", default=None,
                    help="MLflow tracking URI (default sqlite:///<output-dir>/mlflow.db); 'none' disables MLflow")
-    g.add_argument("--experiment-name", default="grnformer_ds")
-    g.add_argument("--run-name", default=None)
+    g.add_argument("--experiment-name", default="grnformer_ds", help="MLflow experiment (grnformer_ds)")
+    g.add_argument("--run-name", default=None, help="MLflow run name")
 
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   default=os.path.join(REPO, "ds_configs", "zero3.json"), help="DeepSpeed JSON")
+                   default=os.path.join(REPO, "ds_configs", "zero3.json"), help="DeepSpeed JSON (ds_configs/zero3.json)")
     g.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted for HF-style commands
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher

@@ -8,7 +8,7 @@ import torch
 
 from grnformer_ds.data.graphs import GraphBuilder, slot_table
 from grnformer_ds.data.perturb import perturb_edges
-from test_data_stream import CELL_TYPES, N_GENES, _ds, hand_grn, make_store
+from test_data_stream import N_GENES, _ds, hand_grn, make_store
 
 GENES = [f"G{j:03d}" for j in range(N_GENES)]
 
@@ -28,7 +28,8 @@ def test_restriction_to_tokens_on_hand_made_grn():
     active[1, [1, 2]] = True  # regulon 2 = TF 4 -> 5..9
     bits = np.packbits(active, axis=1, bitorder="little")
     g = builder(slot_genes, np.array([1, -1]), bits, rng=None, perturb=False)
-    # cell-type GRN of type 1: TF 0 and TF 11 -> genes 20..29; present: 0 (slot 1), 11 (slot 5), 21 (slot 2), 25 (slot 3)
+    # cell-type GRN of type 1: TF 0 and TF 11 -> genes 20..29; present: 0 (slot 1), 11 (slot 5), 21 (slot 2),
+    # 25 (slot 3)
     assert _edges(g["celltype_edge_index"], g["celltype_edge_weight"]) == {
         (1, 2, 0.5), (1, 3, 0.5), (5, 2, 0.5), (5, 3, 0.5)}  # unknown type of cell 1: none
     # cell GRN: cell 0 -> 0->3 (slot 1 -> 4, weight 0.03); cell 1 -> 2->4, 2->5 (regulon 1), 4->5 (regulon 2)
@@ -41,6 +42,34 @@ def test_restriction_to_tokens_on_hand_made_grn():
 
     pyg = Batch.from_data_list([Data(edge_index=torch.zeros((2, 0), dtype=torch.long), num_nodes=L)] * 2)
     assert torch.equal(pyg.batch, g["batch"]) and torch.equal(pyg.ptr, g["ptr"])
+
+
+def test_union_of_regulons_sharing_a_tf_keeps_the_strongest_edge_once():
+    a = hand_grn(GENES)
+    # add "G000(-)": TF 0 again, targets 3..7 with weight -0.5 (overlaps regulon 0 = TF 0 -> 1..5 on 3, 4, 5)
+    a.regulon_names = np.r_[a.regulon_names, ["G000(-)"]]
+    a.regulon_tf = np.r_[a.regulon_tf, [0]].astype(np.int32)
+    a.regulon_target = np.r_[a.regulon_target, np.arange(3, 8)].astype(np.int32)
+    a.regulon_weight = np.r_[a.regulon_weight, np.full(5, -0.5)].astype(np.float32)
+    a.regulon_sign = np.r_[a.regulon_sign, np.full(5, -1)].astype(np.int8)
+    a.regulon_indptr = np.r_[a.regulon_indptr, [a.regulon_indptr[-1] + 5]].astype(np.int64)
+    a.regulon_threshold = np.zeros(7, np.float32)
+    builder = GraphBuilder(a, alpha=0.0)
+    slot_genes = np.array([[-1, 0, 1, 3, 4, 7, -1], [-1, 0, 1, 3, 4, 7, -1]])
+    active = np.zeros((2, 7), bool)
+    active[0, [0, 6]] = True  # both TF-0 regulons: duplicated edges 0->3, 0->4
+    active[1, [0]] = True
+    g = builder(slot_genes, np.array([-1, -1]), np.packbits(active, axis=1, bitorder="little"), None, False)
+    got = _edges(g["cell_edge_index"], g["cell_edge_weight"])
+    L = 7
+    assert got == {(1, 2, 0.01), (1, 3, -0.5), (1, 4, -0.5), (1, 5, -0.5),
+                   (L + 1, L + 2, 0.01), (L + 1, L + 3, 0.03), (L + 1, L + 4, 0.04)}
+    # same rule as GRNAssets.cell_edges
+    src, dst, w, _ = a.cell_edges(np.flatnonzero(active[0]))
+    keep = np.isin(src, [0, 1, 3, 4, 7]) & np.isin(dst, [0, 1, 3, 4, 7])
+    slot = {0: 1, 1: 2, 3: 3, 4: 4, 7: 5}
+    assert {(slot[int(x)], slot[int(y)], round(float(v), 4)) for x, y, v in zip(src[keep], dst[keep], w[keep])} == {
+        e for e in got if e[0] < L}
 
 
 def _batch_of_cells(rng, n_tokens=(30, 30, 4)):

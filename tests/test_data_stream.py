@@ -53,7 +53,8 @@ def make_store(root: Path, n_cells: int = 203, shard_sizes=(120, 83), grn: bool 
     write_manifest(root, {
         "format": "grnformer_ds.store", "schema_version": 1, "complete": True, "n_cells": n_cells,
         "n_genes": N_GENES, "nnz": int((x > 0).sum()), "vocab_size": N_GENES + 3,
-        "special_tokens": {"<pad>": 0, "<cls>": 1, "<eoc>": 2}, "vocab_sha256": vocab_sha256(vocab), "cell_type_key": "ct",
+        "special_tokens": {"<pad>": 0, "<cls>": 1, "<eoc>": 2}, "vocab_sha256": vocab_sha256(vocab),
+        "cell_type_key": "ct",
         "cell_types": CELL_TYPES, "shards": shards, "inputs": [], "seed": 0, "created_utc": "now", "assets": {}})
     if grn:
         _add_grn(root, shards, rng)
@@ -115,6 +116,8 @@ def _ds(store, **kw):
 
     kw.setdefault("batch_size", 16)
     kw.setdefault("seed", 0)
+    kw.setdefault("block_size", 16)  # several blocks and buffers even in a 203-cell store
+    kw.setdefault("buffer_blocks", 3)
     return StreamingCellDataset(store, **kw)
 
 
@@ -123,7 +126,9 @@ def _cells(batches):
 
 
 def test_defaults_work_and_keys_match_design(store):
-    ds = _ds(store)
+    from grnformer_ds.data import StreamingCellDataset
+
+    ds = StreamingCellDataset(store, batch_size=16, seed=0)  # only the required arguments
     assert ds.graphs  # store has GRN assets -> graphs on by default
     b = next(iter(ds))
     B, L = b["input_ids"].shape
@@ -330,9 +335,3 @@ def test_errors_for_incomplete_store_and_missing_grn(tmp_path, store):
     with pytest.raises(UserInputError, match="split"):
         _ds(bare, batch_size=4, split="test")
 
-
-if __name__ == "__main__":
-    import sys, tempfile
-    d = Path(tempfile.mkdtemp())
-    make_store(d / "s")
-    print(d)

@@ -22,6 +22,9 @@ G1 = [f"G{i}" for i in range(40)]
 G2 = [f"G{i}" for i in range(20, 70)][::-1]     # overlaps G1, reversed order
 G3 = [f"G{i}" for i in range(0, 70, 2)]         # every other gene
 
+# anndata/zarr warn on every open that consolidated metadata is not in the zarr v3 spec yet
+pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part")
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
@@ -273,3 +276,29 @@ def test_clashing_cell_names_get_the_source_prefix_and_raw_x(tmp_path):
     assert st.manifest["matrix"] == "raw.X" and st.read_shard(0).X.sum() == X.sum()
     with pytest.raises(UserInputError, match="no layer 'counts'"):
         build([tmp_path / "raw.h5ad"], tmp_path / "r2", layer="counts")
+
+
+def test_single_array_with_barrier_equals_single_job(inputs, ref_store, tmp_path):
+    """One array without --stage: each task scatters, waits for the others' scatter units, then gathers."""
+    import threading
+
+    files, _, _ = inputs
+    opts = BuildOptions(inputs=[str(f) for f in files[:2]], out=str(tmp_path / "bar"), cell_type_key="cell_type",
+                        shard_size=64, block_cells=50, progress=False, extra={"barrier_poll_s": 0.05})
+    run_stage(opts, "plan")
+    errors = []
+
+    def task(i):
+        try:
+            run_stage(opts, "all", num_tasks=2, task_index=i)
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=task, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    run_stage(opts, "finalize")
+    assert_same_store(ref_store, open_store(tmp_path / "bar"))

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scanpy as sc
 
 from grnformer_ds.store import ensure_demo_store, open_store
+
+# anndata/zarr warn on every open that consolidated metadata is not in the zarr v3 spec yet
+pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part")
 
 
 def test_demo_store_matches_pbmc68k_counts(tmp_path):
@@ -31,8 +35,6 @@ def test_demo_store_matches_pbmc68k_counts(tmp_path):
 
 
 def test_ensure_demo_store_never_overwrites_a_foreign_directory(tmp_path):
-    import pytest
-
     from grnformer_ds.errors import UserInputError
 
     d = tmp_path / "mine"

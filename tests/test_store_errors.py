@@ -19,6 +19,9 @@ from grnformer_ds.store.manifest import read_manifest, update_manifest_assets, w
 
 GENES = [f"G{i}" for i in range(12)]
 
+# anndata/zarr warn on every open that consolidated metadata is not in the zarr v3 spec yet
+pytestmark = pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part")
+
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
     rc = main([*map(str, argv), "--quiet"])
@@ -67,6 +70,7 @@ def test_allow_non_integer_opt_out(tmp_path, capsys):
     assert st.read_shard(0).X.sum() == pytest.approx(X.sum())
 
 
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
 def test_duplicate_gene_names_and_ids(tmp_path, capsys):
     X = make_counts(10, 4, 2)
     f = write_h5ad(tmp_path / "dup.h5ad", X, ["A", "B", "A", "C"])

@@ -62,7 +62,7 @@ def demo_cache(tmp_path_factory):
     """One demo store (cells + GRN assets) shared by every run in the session."""
     from grnformer_ds.training.integration import ensure_demo
 
-    d = os.environ.get("XX_DEV_CACHE") or str(tmp_path_factory.mktemp("demo_cache"))
+    d = str(tmp_path_factory.mktemp("demo_cache"))
     ensure_demo(d)
     return d
 
@@ -291,12 +291,17 @@ def test_two_ranks_zero2(demo_cache, tmp_path):
     assert os.path.isfile(os.path.join(out, "checkpoints", "global_step3", "COMPLETE"))
 
 
-def test_zero3_offload_one_rank(demo_cache, tmp_path):
+def test_zero3_offload_with_zero_init_one_rank(demo_cache, reference_run, tmp_path):
+    """ZeRO-3 with optimizer + parameter offload, transformer built inside deepspeed.zero.Init (GNN outside)."""
     out = str(tmp_path / "run")
     p = _run(["--deepspeed_config", CFG["zero3_offload"], "--demo-cache-dir", demo_cache, "--output-dir", out,
               "--max-steps", "2", "--save-every", "2", "--eval-every", "2", "--no-progress", "--no-export",
-              "--mlflow-tracking-uri", "none"], launcher=False)
-    assert "ZeRO stage 3" in p.stdout and len(_metrics(out)) == 2
+              "--mlflow-tracking-uri", "none", "--zero-init", "on", "--lr", "5e-3"], launcher=False)
+    assert "ZeRO stage 3" in p.stdout and "(zero.Init)" in p.stdout
+    m, ref = _metrics(out), _metrics(reference_run[0])
+    assert len(m) == 2
+    # same data, same initial weights (initialised on gathered shards): the first loss matches the plain build's
+    assert m[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-3)
     assert os.path.isfile(os.path.join(out, "checkpoints", "global_step2", "COMPLETE"))
 
 
@@ -315,7 +320,7 @@ def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: invalid JSON at line 1 column "), p.stderr
 
 
-@pytest.mark.parametrize("case", ["disagreement", "deepspeed_rejects", "vocab_too_small"])
+@pytest.mark.parametrize("case", ["disagreement", "deepspeed_rejects", "vocab_too_small", "output_dir_taken"])
 def test_bad_input_is_one_line_and_exit_2(case, demo_cache, tmp_path, capsys):
     """Through the CLI entry point in this process (a process group is already up or started here)."""
     sys.path.insert(0, os.path.join(REPO, "launchers"))
@@ -330,10 +335,15 @@ def test_bad_input_is_one_line_and_exit_2(case, demo_cache, tmp_path, capsys):
     elif case == "deepspeed_rejects":
         cfg = _bad(tmp_path, "ds.json", json.dumps({"zero_optimization": {"stage": 3, "bogus_key": 1}}))
         needle = "ds.json: invalid DeepSpeed config"
-    else:
+    elif case == "vocab_too_small":
         cfg = CFG["zero3"]
         args += ["--config", _bad(tmp_path, "model.json", json.dumps({"vocab_size": 10}))]
         needle = "vocabulary does not fit"
+    else:  # another run's complete checkpoint is there: refuse rather than interleave two runs
+        cfg = CFG["zero3"]
+        (tmp_path / "run" / "checkpoints" / "global_step5").mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / "global_step5" / "COMPLETE").write_text("x")
+        needle = "pass --resume to continue it, --overwrite-output-dir to start over"
     capsys.readouterr()
     assert pretrain.main(["--deepspeed_config", cfg, *args]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]

@@ -225,3 +225,24 @@ def test_resume_reproduces_losses_and_data_order(tmp_path, dist_info):
     for x, y in zip(a, b):  # same dropout masks and optimizer state → same losses (bitwise on one CPU rank)
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-9)
+
+
+def test_interrupted_save_never_becomes_latest(tmp_path, dist_info, monkeypatch):
+    t = _trainer(tmp_path, dist_info, max_steps=1)
+    t.train()
+    root = str(tmp_path / "checkpoints")
+    assert ckpt.find_latest(root) == "global_step1"
+
+    def crash(*a, **k):  # dies after DeepSpeed wrote its files, before the rank state and COMPLETE
+        raise RuntimeError("simulated crash mid-save")
+
+    monkeypatch.setattr(ckpt, "_atomic_torch_save", crash)
+    t.state.step = 2
+    with pytest.raises(RuntimeError, match="mid-save"):
+        t.save()
+    assert os.listdir(tmp_path / "checkpoints" / "global_step2")  # a half-written tag is on disk ...
+    assert ckpt.find_latest(root) == "global_step1"  # ... and is not what a resume would use
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step1"
+    monkeypatch.undo()
+    assert t.save() == "global_step2"  # the next save replaces the leftover
+    assert ckpt.find_latest(root) == "global_step2" and ckpt.is_complete(root, "global_step2")

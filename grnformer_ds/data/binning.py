@@ -18,7 +18,8 @@ import numpy as np
 DEFAULT_TARGET_SUM = 1e4
 
 
-def normalize_log1p(counts: np.ndarray, total: float | None = None, target_sum: float = DEFAULT_TARGET_SUM) -> np.ndarray:
+def normalize_log1p(counts: np.ndarray, total: float | None = None,
+                    target_sum: float = DEFAULT_TARGET_SUM) -> np.ndarray:
     """log1p(counts / total * target_sum) for the nonzero counts of one cell.
 
     counts: (n,) float32 raw counts of the cell's nonzero genes. total: the cell's total count (defaults to
@@ -32,6 +33,32 @@ def normalize_log1p(counts: np.ndarray, total: float | None = None, target_sum: 
     return np.log1p(counts * np.float32(target_sum / total)).astype(np.float32, copy=False)
 
 
+def quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """``np.quantile(values, np.linspace(0, 1, n_bins - 1))`` (method "linear"), bit for bit, without its per-call
+    Python overhead (~4x faster on a cell's ~1,000 values; this runs once per cell). Returns (n_bins - 1,) float64.
+
+    Same arithmetic as numpy's ``_quantile`` / ``_lerp``: virtual index ``(n - 1) * q``, float32 differences of the
+    neighbouring order statistics, float64 interpolation from the nearer side.
+    """
+    n = values.size
+    q = np.linspace(0, 1, n_bins - 1)
+    x = np.sort(values)
+    virtual = (n - 1) * q
+    prev = np.floor(virtual)
+    above = virtual >= n - 1
+    prev_idx = prev.astype(np.intp)
+    next_idx = prev_idx + 1
+    prev_idx[above] = n - 1
+    next_idx[above] = n - 1
+    gamma = virtual - np.where(above, -1.0, prev)  # numpy marks the last index as -1 before computing gamma
+    a, b = x[prev_idx], x[next_idx]
+    diff = b - a
+    edges = a + diff * gamma
+    upper = gamma >= 0.5
+    edges[upper] = (b - diff * (1 - gamma))[upper]
+    return edges
+
+
 def bin_nonzero(values: np.ndarray, n_bins: int, uniforms: np.ndarray) -> np.ndarray:
     """scGPT's per-cell binning of a cell's nonzero values.
 
@@ -40,8 +67,8 @@ def bin_nonzero(values: np.ndarray, n_bins: int, uniforms: np.ndarray) -> np.nda
     """
     if values.size == 0:
         return np.zeros(0, dtype=np.int64)
-    edges = np.quantile(values, np.linspace(0, 1, n_bins - 1))
-    left = np.digitize(values, edges)
-    right = np.digitize(values, edges, right=True)
+    edges = quantile_edges(values, n_bins)
+    left = np.searchsorted(edges, values, side="right")  # = np.digitize(values, edges)
+    right = np.searchsorted(edges, values, side="left")  # = np.digitize(values, edges, right=True)
     # ceil(u * (right - left) + left): right <= left; equal unless the value sits on an edge.
     return np.ceil(uniforms * (right - left) + left).astype(np.int64)

@@ -11,7 +11,8 @@ class CellRows:
     """B cells in CSR form. Gene references are store gene columns ``j in [0, G)`` (DESIGN.md section 1).
 
     indptr: (B+1,) int64; indices: (nnz,) int32 gene columns; data: (nnz,) float32 raw counts;
-    cell_index: (B,) int64 global store positions; cell_type: (B,) int64 index into manifest ``cell_types`` (-1 unknown);
+    cell_index: (B,) int64 global store positions; cell_type: (B,) int64 index into manifest ``cell_types``
+    (-1 unknown);
     active_regulons: (B, ceil(R/8)) uint8 little-endian packed bitsets, or None when the store has no GRN assets.
     """
 
@@ -41,7 +42,8 @@ class CellRows:
             return parts[0]
         nnz = [int(p.indptr[-1] - p.indptr[0]) for p in parts]
         offsets = np.cumsum([0] + nnz[:-1])
-        indptr = np.concatenate([np.zeros(1, np.int64)] + [p.indptr[1:] - p.indptr[0] + o for p, o in zip(parts, offsets)])
+        indptr = np.concatenate([np.zeros(1, np.int64)]
+                                + [p.indptr[1:] - p.indptr[0] + o for p, o in zip(parts, offsets)])
         act = None
         if parts[0].active_regulons is not None:
             act = np.concatenate([p.active_regulons for p in parts])

@@ -1,6 +1,7 @@
 """`StreamingCellDataset`: a grnformer_ds store -> ready-to-train batches (dicts of tensors), resumable."""
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,7 +50,7 @@ class StreamingCellDataset(IterableDataset):
        DataLoader worker ``w`` of ``N`` builds batches ``consumed + w, consumed + w + N, ...`` so the loader's
        round-robin returns them in order;
     2. read (`readers.StoreReader`): the batch's blocks of contiguous cells (tensorstore ``zarr3``, or zarr-python),
-       cached per worker for the lifetime of a shuffle buffer;
+       cached per worker while their shuffle buffer is in use (``lanes`` keeps workers on disjoint buffers);
     3. tokenize (`ScGPTCollator` / `ScFoundationCollator`): binning or log1p values, gene subset, ``<cls>``, masking;
     4. graphs (`graphs.GraphBuilder`, when the store has GRN assets): cell-type GRN and cell-specific GRN (union of
        the active regulons) restricted to the cell's tokens, edge perturbation (training only), PyG batching;
@@ -64,7 +65,11 @@ class StreamingCellDataset(IterableDataset):
         training: masking + edge perturbation + reshuffle per epoch (default: ``split != "eval"``); an evaluation
             dataset yields the same batches on every pass.
         shuffle / drop_last: default to ``training``. block_size / buffer_blocks: block-shuffle read unit and
-            buffer (defaults 64 cells x 32 blocks). reader: ``"tensorstore"`` (default) or ``"zarr"``.
+            buffer (defaults 256 cells x 8 blocks: the store is shuffled when written, so
+            contiguous cells are already a random sample; blocks of several zarr inner chunks avoid decoding a chunk
+            twice). lanes: runs of batches interleaved so that N workers (N dividing
+            lanes) read disjoint blocks (default 4; see `sampler`). reader: ``"tensorstore"`` (default) or
+            ``"zarr"``.
         graphs: None = on when the store has GRN assets; True without assets is an error. edge_perturbation: alpha.
         Collator options (max_seq_len, n_bins, mask_ratio, mask_value, pad_value, pad_to_max_len, ...) pass through
             ``collator_kwargs`` or the keyword arguments of the same name.
@@ -73,7 +78,7 @@ class StreamingCellDataset(IterableDataset):
     def __init__(self, store: str | Path, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  backbone: str = "scgpt", split: str = "train", eval_fraction: float = 0.05,
                  training: bool | None = None, shuffle: bool | None = None, drop_last: bool | None = None,
-                 block_size: int = 64, buffer_blocks: int = 32, reader: str = "tensorstore",
+                 block_size: int = 256, buffer_blocks: int = 8, lanes: int = 4, reader: str = "tensorstore",
                  graphs: bool | None = None, edge_perturbation: float = 0.2,
                  max_seq_len: int = 1200, n_bins: int = 51, mask_ratio: float = 0.15, mask_value: float = -1.0,
                  pad_value: float = -2.0, pad_to_max_len: bool = False, collator_kwargs: dict | None = None):
@@ -86,8 +91,8 @@ class StreamingCellDataset(IterableDataset):
             raise UserInputError(f"rank {rank} is not in [0, world_size={world_size})")
         if seed < 0:
             raise UserInputError(f"seed must be >= 0, got {seed}")
-        if block_size < 1 or buffer_blocks < 1:
-            raise UserInputError("block_size and buffer_blocks must be >= 1")
+        if block_size < 1 or buffer_blocks < 1 or lanes < 1:
+            raise UserInputError("block_size, buffer_blocks and lanes must be >= 1")
         if not 0.0 <= edge_perturbation <= 1.0:
             raise UserInputError(f"edge_perturbation must be in [0, 1], got {edge_perturbation}")
         self.store = Path(store)
@@ -99,7 +104,8 @@ class StreamingCellDataset(IterableDataset):
         self.training = (split != "eval") if training is None else bool(training)
         self.shuffle = self.training if shuffle is None else bool(shuffle)
         self.drop_last = self.training if drop_last is None else bool(drop_last)
-        self.block_size, self.buffer_blocks = int(block_size), int(buffer_blocks)
+        self.block_size, self.buffer_blocks, self.lanes = int(block_size), int(buffer_blocks), int(lanes)
+        self._cache_blocks = self.buffer_blocks * (self.lanes + 1)  # set per worker in __iter__
         self.edge_perturbation = float(edge_perturbation)
 
         if self.drop_last and (self.hi - self.lo) < self.batch_size * self.world_size:
@@ -123,6 +129,7 @@ class StreamingCellDataset(IterableDataset):
         self.graph_builder = self._graph_builder(graphs)
         self.epoch = 0
         self._consumed = 0  # batches of `self.epoch` already handed out
+        self._managed = False  # set by StatefulCellLoader, which keeps `_consumed` current for worker processes
         self._cache: OrderedDict[int, CellRows] = OrderedDict()
 
     def __getstate__(self):
@@ -161,7 +168,7 @@ class StreamingCellDataset(IterableDataset):
         return EpochPlan(self.lo, self.hi, batch_size=self.batch_size, seed=self.seed,
                          epoch=epoch if self.training else 0, rank=self.rank, world_size=self.world_size,
                          block_size=self.block_size, buffer_blocks=self.buffer_blocks, shuffle=self.shuffle,
-                         drop_last=self.drop_last)
+                         drop_last=self.drop_last, lanes=self.lanes)
 
     def __len__(self) -> int:
         """Batches per epoch on every rank."""
@@ -209,7 +216,7 @@ class StreamingCellDataset(IterableDataset):
                 g0 = self.lo + int(b) * self.block_size
                 rows = self.reader.read_range(g0, min(g0 + self.block_size, self.hi), with_active)
                 self._cache[int(b)] = rows
-                while len(self._cache) > self.buffer_blocks:
+                while len(self._cache) > self._cache_blocks:
                     self._cache.popitem(last=False)
             else:
                 self._cache.move_to_end(int(b))
@@ -232,7 +239,12 @@ class StreamingCellDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None and not self._managed and worker == 0:
+            warnings.warn("StreamingCellDataset in a plain DataLoader with workers: state_dict() of the main process "
+                          "will not advance; wrap it in grnformer_ds.data.StatefulCellLoader for exact resume")
         plan = self.plan()
+        # this worker's open buffers: one per run it serves (+1 for a batch straddling two buffers)
+        self._cache_blocks = self.buffer_blocks * (-(-plan.lanes // n_workers) + 1)
         for step in range(self._consumed + worker, plan.n_steps, n_workers):
             out = self.batch(step, plan)
             if info is None:
@@ -253,6 +265,7 @@ class StatefulCellLoader:
                  prefetch_factor: int | None = None, **kwargs):
         self.dataset = dataset
         self.num_workers = int(num_workers)
+        dataset._managed = True
         if kwargs.get("persistent_workers"):
             raise UserInputError("persistent_workers=True would keep stale data positions in the workers")
         if self.num_workers and "multiprocessing_context" not in kwargs and dataset.reader.backend == "tensorstore":

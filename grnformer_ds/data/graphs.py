@@ -67,13 +67,16 @@ def cell_specific_edges(assets, active: np.ndarray, table: np.ndarray, seq_len: 
     keep = dst >= 0
     cell, src, dst, pos = cell[keep], tf_slot[owner[keep]], dst[keep], pos[keep]
     w = assets.regulon_weight[pos]
-    # union: one edge per (cell, src, dst), the one with the largest |weight|
-    key = (cell.astype(np.int64) * seq_len + src) * seq_len + dst
-    order = np.lexsort((-np.abs(w), key))
-    key = key[order]
-    first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, bool)
-    order = order[first]
-    return cell[order], src[order].astype(np.int64), dst[order].astype(np.int64), w[order]
+    # union: one edge per (cell, src, dst), the one with the largest |weight|. Duplicates need two active regulons
+    # with the same TF in one cell (e.g. TF(+) and TF(-)); without such a pair the edges are already unique.
+    pair = b.astype(np.int64) * assets.n_genes + assets.regulon_tf[r]
+    if len(np.unique(pair)) < len(pair):
+        key = (cell.astype(np.int64) * seq_len + src) * seq_len + dst
+        order = np.lexsort((-np.abs(w), key))
+        key = key[order]
+        order = order[np.r_[True, key[1:] != key[:-1]]]
+        cell, src, dst, w = cell[order], src[order], dst[order], w[order]
+    return cell, src.astype(np.int64), dst.astype(np.int64), w
 
 
 class GraphBuilder:

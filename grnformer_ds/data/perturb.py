@@ -27,7 +27,7 @@ def _in_sorted(keys: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
 
 
 def _first_per_cell(cell: np.ndarray, keys: np.ndarray, order_key: np.ndarray, quota: np.ndarray) -> np.ndarray:
-    """Indices of distinct ``keys``: first occurrence by ``order_key``, at most quota[cell] per cell, grouped by cell."""
+    """Indices of distinct ``keys`` (first occurrence by ``order_key``), at most quota[cell] per cell, by cell."""
     if len(keys) == 0:
         return np.zeros(0, dtype=np.int64)
     _, first = np.unique(keys, return_index=True)

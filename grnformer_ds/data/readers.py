@@ -7,6 +7,8 @@ and dropped on pickling, so a reader can be shipped to DataLoader workers (each 
 """
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,10 @@ class StoreReader:
         for tok in (PAD_TOKEN, CLS_TOKEN):
             if tok not in self.vocab:
                 raise UserInputError(f"vocabulary lacks the special token {tok}", path=str(vocab_path(self.root)))
+        if backend == "tensorstore" and importlib.util.find_spec("tensorstore") is None:
+            # the fallback reads the same arrays, ~5x slower
+            warnings.warn("tensorstore is not installed: reading the store with zarr-python instead")
+            backend = "zarr"
         self.backend = backend
         self.n_cells, self.n_genes = self.store.n_cells, self.store.n_genes
         self.cell_types: list[str] = self.store.cell_types

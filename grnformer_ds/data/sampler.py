@@ -6,8 +6,13 @@ tiledbsoma-ml / scDataset):
 1. cut into contiguous blocks of ``block_size`` cells (the read unit), and permute the blocks;
 2. group consecutive permuted blocks into buffers of ``buffer_blocks`` blocks, and permute the cells inside each
    buffer;
-3. rank ``r`` takes positions ``[r * S * B, (r + 1) * S * B)`` of this order, where ``S`` is the number of batches per
-   rank and ``B`` the batch size; its batch ``s`` is positions ``r * S * B + s * B + [0, B)``.
+3. rank ``r`` takes positions ``[r * S * B, (r + 1) * S * B)`` of this order (its section), where ``S`` is the number
+   of batches per rank and ``B`` the batch size;
+4. the section is cut into ``lanes`` contiguous runs of batches and the rank's batch ``s`` is batch ``s // lanes`` of
+   run ``s % lanes``. DataLoader worker ``w`` of ``N`` builds batches ``w, w + N, ...``, so when ``N`` divides
+   ``lanes`` each worker only ever touches its own runs: it reads each block of the section once instead of every
+   worker reading every block (a batch draws its cells from nearly all blocks of its buffer). ``lanes`` is part of
+   the data order, independent of ``N``, so resuming with another number of workers stays exact.
 
 Equal batch counts per rank: ``drop_last=True`` gives ``S = n // (B * W)`` and drops the tail of the epoch order
 (different cells each epoch when shuffling); ``drop_last=False`` gives ``S = ceil(n / (B * W))`` and fills the missing
@@ -34,10 +39,10 @@ class EpochPlan:
     """Cell order of one epoch for one rank. All arrays are computed lazily per buffer (memory O(cells / block))."""
 
     def __init__(self, lo: int, hi: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                 world_size: int = 1, block_size: int = 64, buffer_blocks: int = 32, shuffle: bool = True,
-                 drop_last: bool = True):
-        if batch_size < 1 or block_size < 1 or buffer_blocks < 1:
-            raise ValueError("batch_size, block_size and buffer_blocks must be >= 1")
+                 world_size: int = 1, block_size: int = 256, buffer_blocks: int = 8, shuffle: bool = True,
+                 drop_last: bool = True, lanes: int = 4):
+        if batch_size < 1 or block_size < 1 or buffer_blocks < 1 or lanes < 1:
+            raise ValueError("batch_size, block_size, buffer_blocks and lanes must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.lo, self.hi = int(lo), int(hi)
@@ -47,6 +52,10 @@ class EpochPlan:
         self.block_size, self.buffer_blocks, self.shuffle = int(block_size), int(buffer_blocks), bool(shuffle)
         per_step = self.batch_size * self.world_size
         self.n_steps = self.n // per_step if drop_last else -(-self.n // per_step)
+        self.lanes = max(1, min(int(lanes), self.n_steps))
+        base, extra = divmod(self.n_steps, self.lanes)
+        counts = base + (np.arange(self.lanes) < extra)
+        self._lane_start = np.cumsum(counts) - counts  # first section batch of each run
         n_blocks = -(-self.n // self.block_size)
         order = np.arange(n_blocks, dtype=np.int64)
         if self.shuffle:
@@ -56,22 +65,24 @@ class EpochPlan:
         sizes = np.minimum(self.block_size, self.n - order * self.block_size)
         buf_sizes = np.add.reduceat(sizes, np.arange(0, n_blocks, self.buffer_blocks)) if n_blocks else sizes
         self.buffer_starts = np.concatenate([[0], np.cumsum(buf_sizes)]).astype(np.int64)
-        self._cache: tuple[int, np.ndarray] | None = None
+        self._cache: dict[int, np.ndarray] = {}  # a few recent buffers' cell orders (one per lane in use)
 
     def block_of(self, cell: np.ndarray) -> np.ndarray:
         """Block id (block = ``[lo + k * block_size, ...)``) of global cells."""
         return (np.asarray(cell) - self.lo) // self.block_size
 
     def _buffer_cells(self, u: int) -> np.ndarray:
-        if self._cache is not None and self._cache[0] == u:
-            return self._cache[1]
+        if u in self._cache:
+            return self._cache[u]
         blocks = self.block_order[u * self.buffer_blocks:(u + 1) * self.buffer_blocks]
         cells = np.concatenate([np.arange(b * self.block_size, min((b + 1) * self.block_size, self.n))
                                 for b in blocks]).astype(np.int64) + self.lo
         if self.shuffle:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, _BUFFER, u])))
             cells = cells[rng.permutation(len(cells))]
-        self._cache = (u, cells)
+        if len(self._cache) > 2 * self.lanes + 2:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[u] = cells
         return cells
 
     def cells_at(self, positions: np.ndarray) -> np.ndarray:
@@ -88,7 +99,8 @@ class EpochPlan:
         """(B,) global cells of this rank's batch ``step``."""
         if not 0 <= step < self.n_steps:
             raise IndexError(f"step {step} not in [0, {self.n_steps})")
-        start = (self.rank * self.n_steps + step) * self.batch_size
+        section_batch = int(self._lane_start[step % self.lanes]) + step // self.lanes
+        start = (self.rank * self.n_steps + section_batch) * self.batch_size
         return self.cells_at(np.arange(start, start + self.batch_size))
 
     def global_batch(self, step: int) -> int:

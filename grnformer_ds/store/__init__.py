@@ -8,6 +8,12 @@ Public API:
     GeneMatcher, normalize_gene_key                  the gene-matching rules used everywhere
     read_manifest, update_manifest_assets            manifest access for later build steps
 """
+import warnings as _warnings
+
+# Shards carry zarr's consolidated metadata (one read to open a shard); zarr warns on every write and open that
+# it is not part of the v3 spec yet. anndata and zarr-python read it; tensorstore ignores it.
+_warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+
 from .builder import build_store, run_stage
 from .demo import build_demo_store, ensure_demo_store
 from .manifest import read_manifest, update_manifest_assets, write_manifest

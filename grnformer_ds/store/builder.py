@@ -19,6 +19,7 @@ from ..errors import UserInputError
 from .finalize import check_mapping, finalize_store, mapping_report
 from .gather import missing_units, run_gather_shard, shard_done, shard_layout
 from .manifest import read_manifest
+from .memory import trim_heap
 from .options import BuildOptions
 from .plan import Plan, load_plan, make_plan
 from .progress import progress_bar, summary_lines
@@ -80,11 +81,14 @@ def _cached_plan(store: str, plan_id: str) -> Plan:
 
 def _scatter_task(store: str, plan_id: str, unit: int) -> int:
     st = run_scatter_unit(store, _cached_plan(store, plan_id), unit)
+    trim_heap()
     return st["n_rows"]
 
 
 def _gather_task(store: str, plan_id: str, k: int) -> int:
-    return run_gather_shard(store, _cached_plan(store, plan_id), k)["n_cells"]
+    n = run_gather_shard(store, _cached_plan(store, plan_id), k)["n_cells"]
+    trim_heap()
+    return n
 
 
 class _Pool:
@@ -182,10 +186,11 @@ def run_stage(opts: BuildOptions, stage: str = "all", num_tasks: int = 1, task_i
     return None
 
 
-def _wait_for_scatter(opts: BuildOptions, plan: Plan, poll_s: float = 5.0) -> None:
+def _wait_for_scatter(opts: BuildOptions, plan: Plan) -> None:
     """Barrier for a single array running scatter+gather: wait until every task's scatter units are on disk.
     (Deadlocks if the scheduler cannot run all tasks at once: then use two arrays, --stage scatter / gather.)"""
     timeout = float(opts.extra.get("barrier_timeout_s", 24 * 3600))
+    poll_s = float(opts.extra.get("barrier_poll_s", 5.0))
     t0 = time.monotonic()
     while missing_units(opts.out, plan):
         if time.monotonic() - t0 > timeout:

@@ -17,7 +17,8 @@ from ..errors import UserInputError
 from .atomic import atomic_write_json
 from .plan import Plan, source_names
 from .scatter import load_unit_stats, unit_dir, unit_done
-from .spill import read_range
+from .kernels import take_rows
+from .spill import read_range, spill_dtype
 from .schema import shard_relpath, work_path
 from .writer import shard_checksum, write_shard
 
@@ -81,15 +82,19 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
     counts, _ = _unit_table(str(store), plan.id, len(plan.units))
     offset = int(counts[:, :k].sum())
 
-    # Read this shard's rows of every unit straight into preallocated arrays (sizes known from the unit stats).
+    # Read this shard's rows of every unit straight into preallocated arrays (sizes known from the unit stats),
+    # in the spills' compact dtypes (uint16 values unless some unit needed float32).
     pieces = [(u["unit"], u["input"]) for u in plan.units if counts[u["unit"], k] > 0]
     _, nnz_table = _unit_table(str(store), plan.id, len(plan.units))
     n_rows = int(counts[:, k].sum())
     n_nnz = int(nnz_table[:, k].sum())
+    data_dtypes = {spill_dtype(unit_dir(store, unit) / "data.npy") for unit, _ in pieces}
+    index_dtypes = {spill_dtype(unit_dir(store, unit) / "indices.npy") for unit, _ in pieces}
     cat = {"dest": np.empty(n_rows, np.int64), "src_row": np.empty(n_rows, np.int64),
            "library_size": np.empty(n_rows, np.float32), "cell_type": np.empty(n_rows, np.int32),
-           "input": np.empty(n_rows, np.int32), "row_len": np.empty(n_rows, np.int64),
-           "data": np.empty(n_nnz, np.float32), "indices": np.empty(n_nnz, np.int32)}
+           "input": np.empty(n_rows, np.int32), "indptr": np.zeros(n_rows + 1, np.int64),
+           "data": np.empty(n_nnz, data_dtypes.pop() if len(data_dtypes) == 1 else np.float32),
+           "indices": np.empty(n_nnz, index_dtypes.pop() if len(index_dtypes) == 1 else np.int32)}
     name_parts = []
     r = e = 0
     for unit, inp in pieces:
@@ -100,7 +105,7 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
         lo, hi = int(ip[0]), int(ip[-1])
         read_range(d / "data.npy", lo, hi, cat["data"][e:e + hi - lo])
         read_range(d / "indices.npy", lo, hi, cat["indices"][e:e + hi - lo])
-        cat["row_len"][r:r + b - a] = np.diff(ip)
+        cat["indptr"][r + 1:r + b - a + 1] = ip[1:] - lo + e
         for key in ("dest", "src_row", "library_size", "cell_type"):
             read_range(d / f"{key}.npy", a, b, cat[key][r:r + b - a])
         cat["input"][r:r + b - a] = inp
@@ -112,13 +117,11 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
                              "rerun", path=str(store))
     names = np.concatenate([n.astype(object) for n in name_parts]) if name_parts else np.zeros(0, dtype=object)
     n_genes = len(meta["gene_keys"])
-    indptr = np.zeros(len(cat["dest"]) + 1, dtype=np.int64)
-    np.cumsum(cat["row_len"], out=indptr[1:])
-    X = sp.csr_matrix((cat["data"], cat["indices"], indptr), shape=(len(cat["dest"]), n_genes))
     order = np.argsort(cat["dest"], kind="stable")  # shuffled order (dest values are unique)
-    X = X[order]
-    del cat["data"], cat["indices"]
-    n = X.shape[0]
+    # one pass: reorder rows and widen the spill dtypes to the store's int32 / float32
+    indptr, indices, data = take_rows(cat.pop("indptr"), cat.pop("indices"), cat.pop("data"), order)
+    X = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+    n = n_rows
     cell_index = offset + np.arange(n, dtype=np.int64)
 
     obs = pd.DataFrame(index=pd.Index([x.decode("utf-8") for x in names[order]], dtype=object))

@@ -27,8 +27,11 @@ def _encoding(node) -> str:
 
 
 def _value_dtype(a: np.ndarray) -> np.ndarray:
+    """Values as a native-endian numeric array the kernels accept (bool and float16 widened to float32)."""
     if a.dtype == np.bool_ or a.dtype == np.float16:
         return a.astype(np.float32)
+    if not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
     return a
 
 
@@ -188,6 +191,8 @@ class H5adSource:
                 lo, hi = int(ip[0]), int(ip[-1])
                 data = _value_dtype(self._data[lo:hi])
                 idx = self._indices[lo:hi]
+                if not idx.dtype.isnative:
+                    idx = idx.astype(idx.dtype.newbyteorder("="))
                 m = sp.csr_matrix((data, idx, ip - lo), shape=(r1 - r0, self.n_vars))
             elif self.format == "dense":
                 m = sp.csr_matrix(_value_dtype(np.asarray(self._x[r0:r1])))

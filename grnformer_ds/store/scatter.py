@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from ..errors import UserInputError
 from .atomic import replace_dir, tmp_suffix
 from .h5ad_reader import H5adSource
+from .kernels import FLAG_NONFINITE, FLAG_NEGATIVE, FLAG_NONINTEGER, FLAG_OVER_U16, count_block, emit_block
 from .plan import Plan, source_names
 from .schema import work_path
 
@@ -71,16 +72,6 @@ def _index_dtype(n_genes: int) -> np.dtype:
     return np.dtype(np.uint16) if n_genes <= np.iinfo(np.uint16).max + 1 else np.dtype(np.int32)
 
 
-def _compact_values(data: np.ndarray) -> np.ndarray:
-    """Spill dtype of the values: uint16 when they are all integers below 65,536 (raw counts nearly always are),
-    halving the spill written and read back; float32 otherwise. The shard stores float32 either way."""
-    if data.size and data.max() <= np.iinfo(np.uint16).max and np.array_equal(data, np.rint(data)):
-        return data.astype(np.uint16)
-    if not data.size:
-        return data.astype(np.uint16)
-    return data.astype(np.float32, copy=False)
-
-
 def run_scatter_unit(store: str | Path, plan: Plan, unit: int) -> dict:
     """Do scatter unit `unit` (idempotent: returns the recorded stats when it is already done)."""
     if unit_done(store, unit):
@@ -95,49 +86,35 @@ def run_scatter_unit(store: str | Path, plan: Plan, unit: int) -> dict:
         if (src.n_obs, src.n_vars) != (inp["n_obs"], inp["n_vars"]):
             raise UserInputError("changed since the build was planned; rerun with --overwrite", path=path)
         m = src.read_rows(r0, r1)
-        check_counts(m, path, src.matrix_name, r0, opts["allow_non_integer"])
         names = src.obs_names_slice(r0, r1)
     n = r1 - r0
-    total_counts = float(m.data.sum())
-
-    # Map input genes to store columns; drop unmapped genes and explicit zeros (fast path: nothing to drop).
-    cmap = plan.colmap(i)
-    cols = cmap[m.indices]
-    keep = (cols >= 0) & (m.data != 0)
     G = len(meta["gene_keys"])
-    if keep.all():
-        row_len = np.diff(m.indptr).astype(np.int64)
-        mapped = sp.csr_matrix((m.data.astype(np.float32, copy=False), cols.astype(np.int32), m.indptr), shape=(n, G))
-    else:
-        row_of_entry = np.repeat(np.arange(n), np.diff(m.indptr))
-        row_len = np.bincount(row_of_entry[keep], minlength=n)
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(row_len, out=indptr[1:])
-        mapped = sp.csr_matrix((m.data[keep].astype(np.float32), cols[keep].astype(np.int32), indptr), shape=(n, G))
-        del row_of_entry
-    del m, cols, keep
-    if not plan.colmap_monotone(i):
-        # CSR rows must list genes in store-column order. A CSR→CSC→CSR round trip is two linear counting-sort
-        # passes (scipy's csr_tocsc) and beats sorting every row (csr_sort_indices) for ~1,000 genes/row.
-        mapped = mapped.tocsc().tocsr()
-    mapped_counts = float(mapped.data.sum(dtype=np.float64))
-    lib = np.zeros(n, dtype=np.float64)  # (n,) library size over store genes
-    nonempty = row_len > 0
-    if nonempty.any():
-        lib[nonempty] = np.add.reduceat(mapped.data, mapped.indptr[:-1][nonempty], dtype=np.float64)
-    mapped.has_sorted_indices = True
 
-    # Zero-count cells (no counts in store genes) are dropped; the rest are sorted by shuffled position.
+    # One fused pass: validate values, count each row's mapped nonzero genes and their sum (library size).
+    cmap = plan.colmap(i)
+    row_len, lib, flags, total_counts = count_block(m, cmap)
+    if flags & (FLAG_NONFINITE | FLAG_NEGATIVE) or (flags & FLAG_NONINTEGER and not opts["allow_non_integer"]):
+        check_counts(m, path, src.matrix_name, r0, opts["allow_non_integer"])  # raises, naming the first bad row
+        raise UserInputError(f"{src.matrix_name} holds invalid values (rows {r0}:{r1})", path=path)
+    mapped_counts = float(lib.sum())
+
+    # Zero-count cells (no counts in store genes) are dropped; the rest are sorted by shuffled position, so the
+    # rows of each output shard are one contiguous range of the spill.
     kept = np.nonzero(row_len > 0)[0]
     dest = np.asarray(plan.dest()[inp["row_offset"] + r0 + kept])
     order = np.argsort(dest, kind="stable")
     rows = kept[order]
     dest = dest[order]
-    out = mapped[rows]
+    # Spill dtypes: uint16 columns below 65,536 genes and uint16 values for counts below 65,536 (nearly always),
+    # halving the bytes written here and read back by gather; shards store int32 / float32 either way.
+    value_dtype = np.float32 if flags & (FLAG_NONINTEGER | FLAG_OVER_U16) else np.uint16
+    out_indptr, out_indices, out_data = emit_block(m, cmap, rows, row_len, G, plan.colmap_monotone(i),
+                                                   _index_dtype(G), value_dtype)
+    del m
     shard_of = dest // meta["shard_size"]
     K = meta["n_out_shards"]
     shard_ptr = np.searchsorted(shard_of, np.arange(K + 1), side="left").astype(np.int64)
-    shard_nnz = out.indptr[shard_ptr[1:]] - out.indptr[shard_ptr[:-1]]
+    shard_nnz = out_indptr[shard_ptr[1:]] - out_indptr[shard_ptr[:-1]]
 
     name_list = names[rows]
     if not inp["names_unique"]:
@@ -153,8 +130,8 @@ def run_scatter_unit(store: str | Path, plan: Plan, unit: int) -> dict:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     arrays = {
-        "shard_ptr": shard_ptr, "dest": dest.astype(np.int64), "indptr": out.indptr.astype(np.int64),
-        "indices": out.indices.astype(_index_dtype(out.shape[1])), "data": _compact_values(out.data),
+        "shard_ptr": shard_ptr, "dest": dest.astype(np.int64), "indptr": out_indptr,
+        "indices": out_indices, "data": out_data,
         "src_row": (inp["row_offset"] + r0 + rows).astype(np.int64), "library_size": lib[rows].astype(np.float32),
         "cell_type": np.asarray(plan.cell_type_codes(i)[r0 + rows], dtype=np.int32), "names": name_bytes,
     }
@@ -163,7 +140,7 @@ def run_scatter_unit(store: str | Path, plan: Plan, unit: int) -> dict:
     stats = {
         "unit": unit, "input": i, "r0": r0, "r1": r1, "n_rows": n, "n_kept": int(len(rows)),
         "n_zero_dropped": int(n - len(rows)), "total_counts": total_counts, "mapped_counts": mapped_counts,
-        "nnz": int(out.nnz), "shard_counts": np.diff(shard_ptr).tolist(), "shard_nnz": np.asarray(shard_nnz).tolist(),
+        "nnz": int(out_indptr[-1]), "shard_counts": np.diff(shard_ptr).tolist(), "shard_nnz": np.asarray(shard_nnz).tolist(),
     }
     (tmp / "stats.json").write_text(json.dumps(stats))
     replace_dir(tmp, final)

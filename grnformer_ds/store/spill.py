@@ -19,6 +19,11 @@ def _header(fh) -> tuple[np.dtype, tuple[int, ...], int]:
     return np.dtype(dtype), shape, fh.tell()
 
 
+def spill_dtype(path: str | Path) -> np.dtype:
+    with open(path, "rb") as fh:
+        return _header(fh)[0]
+
+
 def read_range(path: str | Path, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
     """Elements [lo, hi) of a 1-d .npy file (into `out` when given, which must have hi - lo elements)."""
     with open(path, "rb", buffering=0) as fh:

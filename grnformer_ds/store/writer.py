@@ -91,7 +91,7 @@ def write_shard(final_path: str | Path, X: sp.csr_matrix, obs: pd.DataFrame, var
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         ad.io.write_elem(group, "/", ad.AnnData(obs=obs, var=var))
         _write_csr(group, tmp, X)
-    with warnings.catch_warnings():  # "consolidated metadata is not part of the v3 spec": anndata reads it fine
+    with warnings.catch_warnings():  # "not part of the v3 spec" (see store/__init__.py)
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(str(tmp))  # one metadata read instead of one per array when a reader opens a shard
     replace_dir(tmp, final_path)

@@ -1,8 +1,6 @@
 """Training guards: skip non-finite losses (and stop after too many in a row), out-of-memory hints."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -81,6 +79,3 @@ def oom_hint(micro_batch_size: int, zero_stage: int, max_len: int | None = None)
     tips.append("use ds_configs/zero3_offload.json (optimizer and parameters in CPU memory)")
     return "out of memory: " + "; ".join(tips)
 
-
-def isfinite_number(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

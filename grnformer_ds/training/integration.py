@@ -2,6 +2,7 @@
 streaming datasets. Each function turns the other layers' errors into one-line `UserInputError`s."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -130,14 +131,29 @@ def wants_zero_init(config) -> bool:
     return approx > 1e9
 
 
-def build_model(config, zero_init_ctx):
-    """GRNFormerForMaskedLM with the transformer built in `zero_init_ctx` and the torch-geometric structure encoder
-    built outside it (PyG's reset_parameters cannot run on partitioned parameters)."""
+def build_model(config, zero_init_ctx=None, dtype: torch.dtype = torch.float32):
+    """GRNFormerForMaskedLM; with a `deepspeed.zero.Init` context (`zero_init_ctx`) the transformer is built
+    partitioned and the torch-geometric structure encoder outside it (PyG's reset_parameters cannot run on
+    partitioned parameters).
+
+    Under zero.Init HF's weight init cannot write the empty shards, so the model is built under `no_init_weights()`
+    and initialised afterwards by transformers' `initialize_weights_zero3` (gathers each module's shards, rank 0
+    initialises, the result is re-partitioned) — the same initial weights as a plain build would get. `dtype` is
+    the training dtype zero.Init gives the partitioned part; the structure encoder is cast to it.
+    """
     from grnformer_ds.modeling import GRNFormerForMaskedLM
 
-    with zero_init_ctx:
+    if zero_init_ctx is None or isinstance(zero_init_ctx, contextlib.nullcontext):
+        return GRNFormerForMaskedLM(config)
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+
+    with zero_init_ctx, no_init_weights():
         model = GRNFormerForMaskedLM(config, build_structure_encoder=False)
-    model.build_structure_encoder()
+    initialize_weights_zero3(model)
+    encoder = model.build_structure_encoder()
+    if encoder is not None:  # zero.Init cast the rest to the training dtype; ZeRO-3 needs one dtype throughout
+        encoder.to(dtype)
     return model
 
 

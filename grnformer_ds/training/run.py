@@ -64,6 +64,10 @@ def _saved_mlflow_run_id(settings: RunSettings) -> str | None:
 def run_pretraining(args: Namespace) -> int:
     _quiet_libraries()
     t_start = time.time()
+    if args.num_workers is None:
+        # CPU runs share their cores with the model; on GPU the loader must keep up, so use worker processes.
+        per_rank = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
+        args.num_workers = min(4, max(0, per_rank - 1)) if torch.cuda.is_available() else 0
     settings = settings_from_args(args)
     raw_cfg = load_ds_config(args.deepspeed_config)  # a missing/invalid JSON fails before anything heavy
 
@@ -85,6 +89,31 @@ def run_pretraining(args: Namespace) -> int:
         f"{info.world_size} = {resolved.train_batch_size} cells/step, {settings.max_steps} steps → "
         f"{os.path.abspath(settings.output_dir)}")
 
+    # ---- never mix two runs in one output dir (the checkpoints and metrics.jsonl would interleave)
+    ckpt_root = os.path.join(settings.output_dir, "checkpoints")
+    if not settings.resume and ckpt.find_latest(ckpt_root) is not None:
+        if not getattr(args, "overwrite_output_dir", False):
+            raise UserInputError("holds the checkpoints of an earlier run: pass --resume to continue it, "
+                                 "--overwrite-output-dir to start over, or choose another --output-dir",
+                                 settings.output_dir)
+        dist.barrier()
+        if info.is_main:
+            import shutil
+
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            for name in ("metrics.jsonl", "ds_config.resolved.json"):
+                if os.path.exists(os.path.join(settings.output_dir, name)):
+                    os.remove(os.path.join(settings.output_dir, name))
+            shutil.rmtree(os.path.join(settings.output_dir, "hf_model"), ignore_errors=True)
+            say(f"--overwrite-output-dir: removed the earlier run's checkpoints and metrics in {settings.output_dir}")
+        dist.barrier()
+
+    if info.is_main and ckpt.find_latest(ckpt_root) is None:
+        # a fresh start: drop metric lines of an earlier attempt killed before its first checkpoint
+        metrics = os.path.join(settings.output_dir, "metrics.jsonl")
+        if os.path.exists(metrics):
+            os.remove(metrics)
+
     # ---- store (the demo store is built once, by rank 0, with GRN graphs)
     store_path = I.prepare_store(settings.data, args.demo_cache_dir, info.is_main, say)
     dist.barrier()
@@ -95,7 +124,8 @@ def run_pretraining(args: Namespace) -> int:
     config = I.build_model_config(store, preset, args.config, backbone=args.backbone, use_graph=not args.no_graph)
     torch.manual_seed(settings.seed)  # identical initial weights on every rank (ZeRO partitions each rank's copy)
     zero_init = args.zero_init == "on" or (args.zero_init == "auto" and I.wants_zero_init(config))
-    model = I.build_model(config, E.zero_init_context(resolved, enabled=zero_init))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved.precision, torch.float32)
+    model = I.build_model(config, E.zero_init_context(resolved, enabled=zero_init), dtype=dtype)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     say(f"model: preset {preset}, backbone {config.backbone}, graphs {config.use_graph}, {n_params / 1e6:.2f}M "
         f"parameters{' (zero.Init)' if zero_init and resolved.zero_stage == 3 else ''}")
@@ -117,14 +147,13 @@ def run_pretraining(args: Namespace) -> int:
         os.makedirs(settings.output_dir, exist_ok=True)
     tracker = Tracker(info.is_main and uri.lower() != "none", uri, settings.experiment_name, settings.run_name,
                       run_id=_saved_mlflow_run_id(settings))
-    ckpt_root = os.path.join(settings.output_dir, "checkpoints")
     if info.is_main:
         from grnformer_ds.training.export import write_run_assets
 
         write_run_assets(ckpt_root, config, I.store_vocab(store))
         resolved_path = os.path.join(settings.output_dir, "ds_config.resolved.json")
         ckpt.atomic_write_text(resolved_path, json.dumps(resolved.ds_config, indent=1))
-        tracker.log_params(settings.to_flat_dict(), prefix="run.")
+        tracker.log_params({k: v for k, v in settings.to_flat_dict().items() if k != "resume"}, prefix="run.")
         tracker.log_params(config.to_diff_dict(), prefix="model.")
         tracker.log_params({"preset": preset, "n_params": n_params, "world_size": info.world_size,
                             "device": info.device.type}, prefix="run.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -306,6 +305,3 @@ class Trainer:
                 bar.close()
         return last
 
-
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

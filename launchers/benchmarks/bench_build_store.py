@@ -121,13 +121,39 @@ def du_gb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30
 
 
+def run_tool(tool: str, workers: int, n: int, nnz: int, files: list[str], inp: Path, work: Path, args, env,
+             scdl_bin: str) -> dict:
+    out = work / f"out_{tool}_w{workers}"
+    if tool == "ours":
+        cmd = [sys.executable, str(REPO / "data_prep" / "build_store.py"), "--out", str(out), "--quiet",
+               "--workers", str(workers), "--shard-size", str(args.shard_size), "--cell-type-key", "cell_type", *files]
+    else:
+        cmd = [scdl_bin, "--data-path", str(inp), "--save-path", str(out), "--num-workers", str(workers),
+               "--use-X-not-raw"]
+        if tool == "scdl-paginated":
+            cmd += ["--paginated-load-cutoff", "0", "--load-block-row-size", "50000"]
+    res = run_measured(cmd, env)
+    row = {"tool": tool, "cells": n, "genes": args.genes, "nnz": nnz, "files": args.files, "workers": workers,
+           "wall_s": round(res["wall_s"], 1), "cells_per_s": round(n / res["wall_s"]),
+           "peak_rss_gb": round(res["peak_rss_gb"], 2), "output_gb": round(du_gb(out), 2),
+           "input_gb": round(du_gb(inp), 2), "machine": f"{platform.node()} {os.cpu_count()} cpu",
+           "load_avg_1m": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, nargs="+", default=[200_000], help="collection sizes to run")
     ap.add_argument("--genes", type=int, default=20_000)
     ap.add_argument("--nnz-per-cell", type=int, default=1_000)
     ap.add_argument("--files", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to run each tool with")
     ap.add_argument("--shard-size", type=int, default=50_000)
     ap.add_argument("--tools", nargs="+", default=["ours", "scdl"], choices=["ours", "scdl", "scdl-paginated"])
     ap.add_argument("--work", default="/tmp/bench_build_store")
@@ -150,30 +176,9 @@ def main() -> int:
         gen_s = time.perf_counter() - t0
         print(f"generated {n} cells, {nnz} nnz, {du_gb(inp):.2f} GB in {gen_s:.0f} s", file=sys.stderr)
         files = sorted(str(p) for p in inp.glob("*.h5ad"))
-        for tool in args.tools:
-            out = work / f"out_{tool}"
-            if tool == "ours":
-                cmd = [sys.executable, str(REPO / "data_prep" / "build_store.py"), "--out", str(out), "--quiet",
-                       "--workers", str(args.workers), "--shard-size", str(args.shard_size),
-                       "--cell-type-key", "cell_type", *files]
-            else:
-                cmd = [scdl_bin, "--data-path", str(inp), "--save-path", str(out), "--num-workers",
-                       str(args.workers), "--use-X-not-raw"]
-                if tool == "scdl-paginated":
-                    cmd += ["--paginated-load-cutoff", "0", "--load-block-row-size", "50000"]
-            res = run_measured(cmd, env)
-            row = {"tool": tool, "cells": n, "genes": args.genes, "nnz": nnz, "files": args.files,
-                   "workers": args.workers, "wall_s": round(res["wall_s"], 1),
-                   "cells_per_s": round(n / res["wall_s"]), "peak_rss_gb": round(res["peak_rss_gb"], 2),
-                   "output_gb": round(du_gb(out), 2), "input_gb": round(du_gb(inp), 2),
-                   "machine": f"{platform.node()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d %H:%M")}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                with open(args.json, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-            if not args.keep:
-                shutil.rmtree(out, ignore_errors=True)
+        for workers in args.workers:
+            for tool in args.tools:
+                rows.append(run_tool(tool, workers, n, nnz, files, inp, work, args, env, scdl_bin))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print("\n| tool | cells | nnz | workers | wall s | cells/s | peak RSS GB | output GB |\n|---|---|---|---|---|---|---|---|")

@@ -250,7 +250,7 @@ def run(args) -> list[dict]:
             def ours(seed):
                 if mode == "raw":
                     ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0)
-                    raw = _RawOurs(ds, args.batches + 2 + nw)
+                    raw = _RawOurs(ds, args.raw_batches + 2 + nw)
                     return raw if nw == 0 else DataLoader(raw, batch_size=None, num_workers=nw, **mp)
                 ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0, edge_perturbation=0.2)
                 assert ds.graphs
@@ -265,10 +265,11 @@ def run(args) -> list[dict]:
                 ab = _AnnDataBacked(h5ad, B, args.anndata_batches + 2 + nw, None if mode == "raw" else tok)
                 return DataLoader(ab, batch_size=None, num_workers=nw, **mp)
 
+            n_batches = args.raw_batches if mode == "raw" else args.batches
             rounds = {"grnformer_ds": [], "scdl": [], "anndata_backed": []}
             for r in range(args.rounds):
-                rounds["grnformer_ds"].append(_time(lambda: ours(r), args.batches, B))
-                rounds["scdl"].append(_time(lambda: scdl_loader(r), args.batches, B))
+                rounds["grnformer_ds"].append(_time(lambda: ours(r), n_batches, B))
+                rounds["scdl"].append(_time(lambda: scdl_loader(r), n_batches, B))
                 rounds["anndata_backed"].append(_time(lambda: anndata_loader(r), args.anndata_batches, B))
             row = {"workers": nw, "mode": mode}
             for name, got in rounds.items():
@@ -307,8 +308,9 @@ def report(results: list[dict], args) -> str:
         f"{torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}.",
         f"Data: {args.n_cells} synthetic cells x {args.n_genes} genes, ~{args.genes_per_cell} nonzero genes per cell, "
         f"{args.n_regulons} regulons (30 % active per cell), 10 cell-type GRNs of 5,000 edges, co-expression graph "
-        f"with 20 neighbours per gene; batch size {args.batch_size}; max_seq_len 1200; {args.batches} timed batches "
-        f"({args.anndata_batches} for AnnData) after 2 warm-up batches, median of {args.rounds} interleaved rounds.",
+        f"with 20 neighbours per gene; batch size {args.batch_size}; max_seq_len 1200; {args.raw_batches} (raw) / "
+        f"{args.batches} (tokenized) timed batches ({args.anndata_batches} for AnnData) after 2 warm-up batches, "
+        f"median of {args.rounds} interleaved rounds.",
         "Wall-clock cells/s; with 0 workers also cells per CPU-second of the loading process (= one core's rate, "
         "independent of the machine's load).",
         "",
@@ -332,7 +334,9 @@ def main(argv=None) -> int:
     p.add_argument("--genes-per-cell", type=int, default=1000)
     p.add_argument("--n-regulons", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--batches", type=int, default=60, help="timed batches, tokenized mode")
+    p.add_argument("--raw-batches", type=int, default=200, help="timed batches, raw mode (long enough to span "
+                   "several shuffle buffers: the first batches of a buffer read all of its blocks)")
     p.add_argument("--anndata-batches", type=int, default=10)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")

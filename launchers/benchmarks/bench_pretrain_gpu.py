@@ -193,7 +193,7 @@ def run_mode(mode: str, args, store_path, config, info) -> dict:
     res = summarize(mode, rows, peak, n_params, config, args, device)
     if cuda:
         res["gpu_mem_max_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    del fwd, model
+    fwd = model = backward = step = None  # drop every reference to the engine/optimizer before the next mode
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
