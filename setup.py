@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "deepspeed>=0.16",
     "mlflow>=3.0",
     "tqdm>=4.66",
+    "numba>=0.59",  # fused scatter kernels of the store builder
     "priori-regulon-enrichment>=1.0.8",  # ships a human TF-target prior (demo GRN, no download)
 ]
 

@@ -3,7 +3,8 @@
 
 Generates N cells × G genes (~K nonzeros per cell, integer counts, CSR) split over F files, written with h5py in
 row blocks (so generating 1M cells needs little memory), then runs each converter as a subprocess and reports
-wall time, cells/s and peak RSS (the process tree's summed RSS, sampled with psutil every 0.1 s).
+wall time (including a final `sync` of its output), cells/s and peak RSS (the process tree's summed RSS, sampled
+with psutil every 0.1 s). Tools run in alternating order per worker count.
 
     python launchers/benchmarks/bench_build_store.py --cells 200000 --files 4 --workers 2 --work /tmp/bench
     python launchers/benchmarks/bench_build_store.py --cells 100000 200000 --tools ours   # RSS vs input size
@@ -104,11 +105,16 @@ class RssSampler(threading.Thread):
 
 
 def run_measured(cmd: list[str], env: dict) -> dict:
+    """Run `cmd`, sampling its RSS. The page cache is flushed before (not timed: the previous step's dirty pages,
+    e.g. the freshly generated inputs, must not be written back on this tool's clock) and after (timed: each tool
+    pays for making its own output durable)."""
+    os.sync()
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = RssSampler(p.pid)
     sampler.start()
     out, _ = p.communicate()
+    os.sync()
     wall = time.perf_counter() - t0
     sampler.stop()
     sampler.join()
@@ -176,8 +182,8 @@ def main() -> int:
         gen_s = time.perf_counter() - t0
         print(f"generated {n} cells, {nnz} nnz, {du_gb(inp):.2f} GB in {gen_s:.0f} s", file=sys.stderr)
         files = sorted(str(p) for p in inp.glob("*.h5ad"))
-        for workers in args.workers:
-            for tool in args.tools:
+        for j, workers in enumerate(args.workers):
+            for tool in (args.tools if j % 2 == 0 else args.tools[::-1]):  # alternate who runs first
                 rows.append(run_tool(tool, workers, n, nnz, files, inp, work, args, env, scdl_bin))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

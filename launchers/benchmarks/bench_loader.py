@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grnformer_ds.errors import cli_main
+from grnformer_ds.errors import UserInputError, cli_main
 
 CELL_TYPES = [f"type{i}" for i in range(10)]
 
@@ -343,6 +343,17 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args(argv)
+    for name in ("n_cells", "n_genes", "genes_per_cell", "n_regulons", "batch_size", "batches", "raw_batches",
+                 "anndata_batches", "rounds"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.genes_per_cell * 3 // 2 > args.n_genes or args.n_regulons > args.n_genes:
+        raise UserInputError("--genes-per-cell x 1.5 and --n-regulons must not exceed --n-genes")
+    if args.n_cells < args.batch_size * (args.raw_batches + 4):
+        raise UserInputError(f"--n-cells must hold at least (--raw-batches + 4) batches: "
+                             f"{args.batch_size * (args.raw_batches + 4)} cells")
+    if any(w < 0 for w in args.workers):
+        raise UserInputError("--workers must be >= 0")
     results = run(args)
     text = report(results, args)
     print(text)
