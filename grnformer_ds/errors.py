@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 
 class UserInputError(ValueError):
@@ -12,6 +14,26 @@ class UserInputError(ValueError):
     def __init__(self, message: str, path: str | None = None):
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
+
+
+def load_json_object(path: str | Path, what: str, missing: str | None = None) -> dict[str, Any]:
+    """The JSON object stored at `path`; a missing, unreadable or invalid file, or JSON that is not an object, is a
+    one-line `UserInputError` naming the file (`what` names the kind of file, `missing` replaces the not-found text)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserInputError(missing or f"{what} not found", str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"unreadable {what} ({exc.__class__.__name__}: {exc})", str(path)) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"invalid JSON at line {exc.lineno} column {exc.colno} of the {what}: {exc.msg}",
+                             str(path)) from None
+    if not isinstance(obj, dict):
+        raise UserInputError(f"the {what} must be a JSON object, got {type(obj).__name__}", str(path))
+    return obj
 
 
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:

@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForMaskedLM, GRNFormerModel, make_dummy_batch

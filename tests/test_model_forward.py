@@ -252,7 +252,7 @@ def test_scfoundation_pooling_and_decoder_inputs():
     with torch.no_grad():
         enc = model.grnformer(**{k: v for k, v in batch.items()
                                  if k not in ("labels", "decoder_values", "decoder_input_ids")})
-        out = model(**batch)
+        model(**batch)  # fills seen["dec_in"] through the hook
     mask = batch["attention_mask"]
     h, tc = enc.last_hidden_state, enc.total_count_states
     m = mask.unsqueeze(-1)

@@ -98,7 +98,7 @@ def test_vocab_without_overlap_and_low_mapping(tmp_path, capsys, good):
     assert rc == 0, err
     v.write_text("{not json")
     rc, err = run_cli(capsys, "--out", tmp_path / "s3", "--gene-vocab", v, good)
-    assert_one_line_error(rc, err, str(v), "not a readable JSON vocabulary")
+    assert_one_line_error(rc, err, str(v), "invalid JSON at line 1 column 2 of the vocabulary")
 
 
 def test_missing_cell_type_key(tmp_path, capsys, good):
@@ -159,7 +159,7 @@ def test_open_store_refuses_missing_incomplete_and_other_schema(tmp_path, capsys
         with pytest.raises(UserInputError, match=needle):
             open_store(out)
     (out / "manifest.json").write_text("{")
-    with pytest.raises(UserInputError, match="unreadable manifest"):
+    with pytest.raises(UserInputError, match="manifest.json: invalid JSON at line 1 column 2 of the manifest"):
         open_store(out)
     (out / "manifest.json").unlink()
     with pytest.raises(UserInputError, match="no manifest.json"):

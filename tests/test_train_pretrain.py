@@ -75,7 +75,7 @@ def mlflow_server(tmp_path_factory):
     exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
     proc = subprocess.Popen([exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination",
-                             str(d / "artifacts")], env=_env(), stdout=subprocess.DEVNULL,
+                             str(d / "artifacts")], env=_env(), cwd=str(d), stdout=subprocess.DEVNULL,
                             stderr=open(d / "server.log", "w"), start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     import urllib.request

@@ -246,3 +246,20 @@ def test_interrupted_save_never_becomes_latest(tmp_path, dist_info, monkeypatch)
     monkeypatch.undo()
     assert t.save() == "global_step2"  # the next save replaces the leftover
     assert ckpt.find_latest(root) == "global_step2" and ckpt.is_complete(root, "global_step2")
+
+
+def test_sqlite_tracking_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """MLflow's default for a sqlite store is ./mlruns of the current directory; ours is <db dir>/mlartifacts."""
+    from grnformer_ds.training.tracking import Tracker, default_tracking_uri
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "note.json").write_text("{}")
+    tracker = Tracker(True, default_tracking_uri(str(out)), "exp")
+    tracker.log_artifact(str(out / "note.json"), "configs")
+    tracker.end()
+    assert list(out.glob("mlartifacts/*/artifacts/configs/note.json"))
+    assert not (cwd / "mlruns").exists()

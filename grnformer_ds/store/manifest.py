@@ -1,11 +1,10 @@
 """manifest.json: read + validate (readers refuse anything but a complete manifest of this schema) and atomic writes."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import UserInputError
+from ..errors import UserInputError, load_json_object
 from .atomic import atomic_write_json
 from .schema import FORMAT, REQUIRED_MANIFEST_KEYS, REQUIRED_SHARD_KEYS, SCHEMA_VERSION, manifest_path
 
@@ -19,14 +18,9 @@ def read_manifest(store: str | Path) -> dict[str, Any]:
     path = manifest_path(store)
     if not Path(store).is_dir():
         raise UserInputError("store directory not found", path=str(store))
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserInputError(
-            "no manifest.json: not a grnformer_ds store, or its build has not finished (run build_store.py "
-            "again, or its --finalize step)", path=str(path)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"unreadable manifest ({exc.__class__.__name__}: {exc})", path=str(path)) from None
+    manifest = load_json_object(path, "manifest", missing=(
+        "no manifest.json: not a grnformer_ds store, or its build has not finished (run build_store.py again, or "
+        "its --finalize step)"))
     validate_manifest(manifest, str(path))
     return manifest
 

@@ -1,7 +1,6 @@
 """Read side: `open_store(path)` → `Store` (validated manifest, vocabulary, genes, cell types, shard paths)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import UserInputError
+from ..errors import UserInputError, load_json_object
 from .manifest import read_manifest
 from .schema import vocab_path
 from .vocab import GeneMatcher, vocab_sha256
@@ -75,10 +74,7 @@ class Store:
     def vocab(self) -> dict[str, int]:
         """{token: id} from vocab.json (checked against the manifest's vocab_sha256)."""
         path = vocab_path(self.path)
-        try:
-            vocab = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserInputError(f"unreadable vocabulary ({exc})", path=str(path)) from None
+        vocab = load_json_object(path, "vocabulary")
         if vocab_sha256(vocab) != self.manifest["vocab_sha256"]:
             raise UserInputError("vocab.json does not match the manifest's vocab_sha256", path=str(path))
         return vocab

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import UserInputError
+from ..errors import UserInputError, load_json_object
 from .schema import SPECIAL_TOKENS
 
 GENE_KEY_KINDS = ("symbol", "gene_id")
@@ -61,13 +61,8 @@ def build_union_vocab(gene_key_lists: Iterable[Iterable[str]]) -> dict[str, int]
 def load_vocab(path: str | Path) -> dict[str, int]:
     """Read a ``{token: id}`` JSON vocabulary (e.g. a backbone's ``vocab.json``) and check it."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserInputError("vocabulary file not found", path=str(path)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"not a readable JSON vocabulary ({exc.__class__.__name__}: {exc})", path=str(path)) from None
-    if not isinstance(raw, dict) or not raw:
+    raw = load_json_object(path, "vocabulary")
+    if not raw:
         raise UserInputError("vocabulary must be a non-empty JSON object {gene: id}", path=str(path))
     vocab: dict[str, int] = {}
     for tok, idx in raw.items():

@@ -9,12 +9,10 @@ with no accumulation given anywhere sets the accumulation, as DeepSpeed itself d
 from __future__ import annotations
 
 import copy
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from grnformer_ds.errors import UserInputError
+from grnformer_ds.errors import UserInputError, load_json_object
 from grnformer_ds.training.settings import RunSettings
 
 AUTO = "auto"
@@ -22,16 +20,7 @@ AUTO = "auto"
 
 def load_ds_config(path: str) -> dict[str, Any]:
     """The DeepSpeed JSON at `path` as a dict; a missing file or invalid JSON is a one-line `UserInputError`."""
-    if not os.path.isfile(path):
-        raise UserInputError("DeepSpeed config not found", path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path) from None
-    if not isinstance(cfg, dict):
-        raise UserInputError(f"a DeepSpeed config must be a JSON object, got {type(cfg).__name__}", path)
-    return cfg
+    return load_json_object(path, "DeepSpeed config")
 
 
 def _given(v: Any) -> bool:

@@ -3,14 +3,13 @@ streaming datasets. Each function turns the other layers' errors into one-line `
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from grnformer_ds.errors import UserInputError
+from grnformer_ds.errors import UserInputError, load_json_object
 
 DEMO_DIR_NAME = "demo_store"
 
@@ -89,15 +88,7 @@ def build_model_config(store, preset: str, config_path: str | None, backbone: st
     overrides: dict[str, Any] = {}
     src = config_path or "--model-preset"
     if config_path is not None:
-        if not os.path.isfile(config_path):
-            raise UserInputError("model config not found", config_path)
-        try:
-            with open(config_path, encoding="utf-8") as fh:
-                overrides = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise UserInputError(f"invalid JSON at line {exc.lineno}: {exc.msg}", config_path) from None
-        if not isinstance(overrides, dict):
-            raise UserInputError("a model config must be a JSON object", config_path)
+        overrides = load_json_object(config_path, "model config")
         for k in ("model_type", "architectures", "auto_map", "transformers_version"):
             overrides.pop(k, None)
     special = store.special_tokens

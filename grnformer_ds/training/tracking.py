@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
@@ -16,6 +17,18 @@ _MAX_PARAM_LEN = 6000  # MLflow's limit for a param value
 
 def default_tracking_uri(output_dir: str) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(output_dir, "mlflow.db"))
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """`file://…/mlartifacts` beside a local `sqlite:///…` database, else None (a tracking server decides).
+
+    Why: with a sqlite URI MLflow puts a new experiment's artifacts in `./mlruns` of whatever directory the run was
+    started from; keeping them beside the database keeps a run's output directory self-contained."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    db = os.path.abspath(tracking_uri[len(prefix):])
+    return Path(os.path.dirname(db), "mlartifacts").as_uri()
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -52,6 +65,8 @@ class Tracker:
                 print(f"warning: cannot continue MLflow run {run_id} at {tracking_uri} ({type(exc).__name__}); "
                       f"starting a new run", flush=True)
         if run is None:
+            if mlflow.get_experiment_by_name(experiment_name) is None:
+                mlflow.create_experiment(experiment_name, artifact_location=local_artifact_root(tracking_uri))
             mlflow.set_experiment(experiment_name)
             run = mlflow.start_run(run_name=run_name)
         self.run_id = run.info.run_id
