@@ -205,25 +205,51 @@ class StreamingCellDataset(IterableDataset):
             self._consumed = 0
 
     # ------------------------------------------------------------------ batches
+    def _block(self, b: int, with_active: bool) -> CellRows:
+        """Block ``b`` of the split (``block_size`` contiguous cells), through the per-worker LRU cache."""
+        rows = self._cache.get(b)
+        if rows is None:
+            g0 = self.lo + b * self.block_size
+            rows = self.reader.read_range(g0, min(g0 + self.block_size, self.hi), with_active)
+            self._cache[b] = rows
+            while len(self._cache) > self._cache_blocks:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(b)
+        return rows
+
     def _rows(self, plan: EpochPlan, cells: np.ndarray) -> CellRows:
-        """Read the cells (global ids) through a per-worker LRU cache of blocks."""
+        """Read the cells (global ids) through a per-worker LRU cache of blocks, gathered in batch order in one pass
+        (one slice copy per cell into the batch arrays: ~5x cheaper than index arrays over all nonzeros)."""
         blocks = plan.block_of(cells)
         with_active = self.graph_builder is not None
-        parts, order = [], np.argsort(blocks, kind="stable")
-        for b in np.unique(blocks):
-            rows = self._cache.get(int(b))
-            if rows is None:
-                g0 = self.lo + int(b) * self.block_size
-                rows = self.reader.read_range(g0, min(g0 + self.block_size, self.hi), with_active)
-                self._cache[int(b)] = rows
-                while len(self._cache) > self._cache_blocks:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(int(b))
-            local = cells[blocks == b] - (self.lo + int(b) * self.block_size)
-            parts.append(rows.take(local))
-        pool = CellRows.concat(parts)  # cells sorted by block; put them back in batch order
-        return pool.take(np.argsort(order, kind="stable"))
+        uniq, inv = np.unique(blocks, return_inverse=True)
+        local = cells - (self.lo + blocks * self.block_size)
+        n = len(cells)
+        start, end = np.empty(n, np.int64), np.empty(n, np.int64)
+        cell_index, cell_type = np.empty(n, np.int64), np.empty(n, np.int64)
+        srcs, active = [], None
+        for k, b in enumerate(uniq.tolist()):
+            rows = self._block(b, with_active)
+            srcs.append(rows)
+            sel = inv == k
+            r = local[sel]
+            start[sel], end[sel] = rows.indptr[r], rows.indptr[r + 1]
+            cell_index[sel], cell_type[sel] = rows.cell_index[r], rows.cell_type[r]
+            if rows.active_regulons is not None:
+                if active is None:
+                    active = np.empty((n, rows.active_regulons.shape[1]), dtype=rows.active_regulons.dtype)
+                active[sel] = rows.active_regulons[r]
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(end - start, out=indptr[1:])
+        spans = list(zip(inv.tolist(), start.tolist(), end.tolist()))
+        if n == 0:
+            indices, data = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        else:
+            indices = np.concatenate([srcs[k].indices[a:e] for k, a, e in spans])
+            data = np.concatenate([srcs[k].data[a:e] for k, a, e in spans])
+        return CellRows(indptr=indptr, indices=indices, data=data, cell_index=cell_index, cell_type=cell_type,
+                        active_regulons=active)
 
     def batch(self, step: int, plan: EpochPlan | None = None) -> dict[str, torch.Tensor]:
         """This rank's batch ``step`` of the current epoch (random access; used by the iterator)."""

@@ -32,6 +32,10 @@ class _ZarrArray:
     def read(self, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self._arr[lo:hi])
 
+    def read_async(self, lo: int, hi: int):
+        """Same as `read` (zarr-python has no futures): the result is ready, `_result` passes it through."""
+        return self.read(lo, hi)
+
     def read_all(self) -> np.ndarray:
         return np.asarray(self._arr[...])
 
@@ -48,8 +52,16 @@ class _TsArray:
     def read(self, lo: int, hi: int) -> np.ndarray:
         return self._arr[lo:hi].read().result()
 
+    def read_async(self, lo: int, hi: int):
+        """A tensorstore future: start several reads, then collect them with `_result` (the decodes overlap)."""
+        return self._arr[lo:hi].read()
+
     def read_all(self) -> np.ndarray:
         return self._arr.read().result()
+
+
+def _result(pending) -> np.ndarray:
+    return pending if isinstance(pending, np.ndarray) else pending.result()
 
 
 class ShardReader:
@@ -95,11 +107,15 @@ class ShardReader:
             if self._active is None:
                 raise UserInputError("shard has no obsm/active_regulons (run build_grn.py on the store)",
                                      path=str(self.path))
-            active = np.ascontiguousarray(self._active.read(r0, r1), dtype=np.uint8)
+            active = self._active.read_async(r0, r1)
+        # all reads in flight before waiting on any
+        indices, data = self._indices.read_async(lo, hi), self._data.read_async(lo, hi)
+        if active is not None:
+            active = np.ascontiguousarray(_result(active), dtype=np.uint8)
         return CellRows(
             indptr=self.indptr[r0:r1 + 1] - lo,
-            indices=self._indices.read(lo, hi).astype(np.int32, copy=False),
-            data=self._data.read(lo, hi).astype(np.float32, copy=False),
+            indices=_result(indices).astype(np.int32, copy=False),
+            data=_result(data).astype(np.float32, copy=False),
             cell_index=np.arange(self.cell_offset + r0, self.cell_offset + r1, dtype=np.int64),
             cell_type=self.cell_type[r0:r1],
             active_regulons=active,
