@@ -72,3 +72,84 @@ def bin_nonzero(values: np.ndarray, n_bins: int, uniforms: np.ndarray) -> np.nda
     right = np.searchsorted(edges, values, side="left")  # = np.digitize(values, edges, right=True)
     # ceil(u * (right - left) + left): right <= left; equal unless the value sits on an edge.
     return np.ceil(uniforms * (right - left) + left).astype(np.int64)
+
+
+def _segment_sums_exact(data: np.ndarray, indptr: np.ndarray) -> np.ndarray | None:
+    """Per-row ``data[a:b].sum()`` (float32), vectorised, or None when it cannot be guaranteed bit-identical.
+
+    numpy sums a float32 row pairwise; any order gives the same float32 result when every value is an integer and
+    every partial sum stays below 2**24 (all exactly representable), which holds for raw counts. Otherwise None."""
+    if len(data) == 0:
+        return np.zeros(len(indptr) - 1, dtype=np.float32)
+    if not (np.all(data >= 0) and np.array_equal(data, np.floor(data))):
+        return None
+    lens = np.diff(indptr)
+    sums = np.zeros(len(lens), dtype=np.float64)
+    nz = lens > 0
+    sums[nz] = np.add.reduceat(data.astype(np.float64), indptr[:-1][nz])
+    if sums.max(initial=0.0) >= 2 ** 24:
+        return None
+    return sums.astype(np.float32)
+
+
+def bin_batch(indptr: np.ndarray, counts: np.ndarray, n_bins: int, uniforms: np.ndarray,
+              target_sum: float = DEFAULT_TARGET_SUM) -> np.ndarray:
+    """`normalize_log1p` + `bin_nonzero` of every row of a CSR batch at once, bit for bit the per-row results.
+
+    indptr: (B+1,) int64; counts: (nnz,) float32 nonzero raw counts; uniforms: (nnz,) as the per-row calls would get
+    them (row after row). Normalisation, log1p, `quantile_edges` and the tie-breaking are vectorised over the batch;
+    only the per-row sort and the two ``searchsorted`` per row (C calls on cache-resident rows, cheaper than any
+    batch-wide formulation measured) stay in a loop. Returns (nnz,) int64 bins.
+    """
+    counts = np.asarray(counts, dtype=np.float32)
+    indptr = np.asarray(indptr, dtype=np.int64)
+    n_rows, nnz = len(indptr) - 1, len(counts)
+    lens = np.diff(indptr)
+    totals = _segment_sums_exact(counts, indptr)
+    if totals is None or (nnz and counts.min() <= 0):
+        # not raw positive counts: the per-row path (same result, slower)
+        return np.concatenate([np.zeros(0, np.int64)] + [
+            bin_nonzero(normalize_log1p(counts[a:b], target_sum=target_sum), n_bins, uniforms[a:b])
+            for a, b in zip(indptr[:-1].tolist(), indptr[1:].tolist())])
+    if nnz == 0:
+        return np.zeros(0, dtype=np.int64)
+    # np.float32(target_sum / total) per row, total as the Python float of the float32 sum
+    nz_rows = lens > 0
+    scale = np.zeros(n_rows, dtype=np.float32)
+    scale[nz_rows] = (np.float64(target_sum) / totals[nz_rows].astype(np.float64)).astype(np.float32)
+    values = np.log1p(counts * np.repeat(scale, lens)).astype(np.float32, copy=False)
+    # each row's values sorted (row by row: a 1,000-value sort stays in cache), concatenated
+    ne = np.flatnonzero(nz_rows)
+    x = np.concatenate([np.sort(values[lo:hi]) for lo, hi in zip(indptr[ne].tolist(), indptr[ne + 1].tolist())])
+    # quantile_edges of every nonempty row at once: (R, n_bins - 1)
+    n = lens[ne][:, None]
+    q = np.linspace(0, 1, n_bins - 1)
+    virtual = (n - 1) * q[None, :]
+    prev = np.floor(virtual)
+    above = virtual >= n - 1
+    prev_idx = prev.astype(np.intp)
+    next_idx = prev_idx + 1
+    last = np.broadcast_to(n - 1, prev_idx.shape)
+    prev_idx[above] = last[above]
+    next_idx[above] = last[above]
+    gamma = virtual - np.where(above, -1.0, prev)
+    base = (np.cumsum(lens[ne]) - lens[ne])[:, None]  # row starts in x
+    a, b = x[base + prev_idx], x[base + next_idx]
+    diff = b - a
+    edges = a + diff * gamma
+    upper = gamma >= 0.5
+    edges[upper] = (b - diff * (1 - gamma))[upper]
+    return _searchsorted_bins(indptr, values, ne, edges, uniforms)
+
+
+def _searchsorted_bins(indptr, values, rows, edges, uniforms):
+    """scGPT's digitize of each row's values with its row of ``edges`` (the float32 values widened to float64 once,
+    exactly: numpy's mixed-dtype searchsorted is several times slower than the same-dtype one)."""
+    left, right = np.zeros(len(values), dtype=np.int64), np.zeros(len(values), dtype=np.int64)
+    v64 = values.astype(np.float64)
+    edges = np.ascontiguousarray(edges, dtype=np.float64)
+    for k, (lo, hi) in enumerate(zip(indptr[rows].tolist(), indptr[rows + 1].tolist())):
+        e, v = edges[k], v64[lo:hi]
+        left[lo:hi] = e.searchsorted(v, side="right")
+        right[lo:hi] = e.searchsorted(v, side="left")
+    return np.ceil(uniforms * (right - left) + left).astype(np.int64)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .binning import DEFAULT_TARGET_SUM, bin_nonzero, normalize_log1p
+from .binning import DEFAULT_TARGET_SUM, bin_batch
 from .cells import CellRows
-from .masking import IGNORE_INDEX, apply_mask, choose_masked
+from .masking import IGNORE_INDEX, choose_masked
 
 
 @dataclass
@@ -49,36 +49,38 @@ class ScGPTCollator:
     def __call__(self, rows: CellRows, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         n_cells = len(rows)
         max_genes = self.max_seq_len - 1
-        raw = [rows.row(b) for b in range(n_cells)]
+        indptr, cols, counts = _drop_explicit_zeros(rows)
+        lens = np.diff(indptr)
         # All tie-breaking uniforms first (one draw for the batch, cells in order, as scGPT's per-row draws), so the
         # bins of a cell do not depend on the subsetting / masking draws of the cells before it.
-        uniforms = rng.random(sum(len(c) for c, _ in raw))
-        per_cell, offset = [], 0
-        for cols, counts in raw:
-            values = normalize_log1p(counts, target_sum=self.target_sum)
-            bins = bin_nonzero(values, self.n_bins, uniforms[offset:offset + len(values)]).astype(np.float32)
-            offset += len(values)
-            if len(cols) > max_genes:
-                keep = np.sort(rng.choice(len(cols), size=max_genes, replace=False))
-                cols, bins = cols[keep], bins[keep]
-            masked = choose_masked(len(cols), self.mask_ratio, rng)
-            per_cell.append((cols, bins, masked))
-
-        longest = max((len(c) for c, _, _ in per_cell), default=0) + 1
+        uniforms = rng.random(int(indptr[-1]))
+        bins = bin_batch(indptr, counts, self.n_bins, uniforms, self.target_sum).astype(np.float32)
+        kept = np.minimum(lens, max_genes)
+        longest = int(kept.max(initial=0)) + 1
         seq_len = self.max_seq_len if self.pad_to_max_len else longest
         input_ids = np.full((n_cells, seq_len), self.pad_id, dtype=np.int64)
         values = np.full((n_cells, seq_len), self.pad_value, dtype=np.float32)
         labels = np.full((n_cells, seq_len), IGNORE_INDEX, dtype=np.float32)
         slot_genes = np.full((n_cells, seq_len), -1, dtype=np.int64)
-        for b, (cols, bins, masked) in enumerate(per_cell):
-            n = len(cols) + 1
-            input_ids[b, 0] = self.cls_id
-            input_ids[b, 1:n] = self.gene_token_ids[cols]
-            masked_bins, gene_labels = apply_mask(bins, masked, self.mask_value)
-            values[b, 0] = 0.0
-            values[b, 1:n] = masked_bins
-            labels[b, 1:n] = gene_labels
-            slot_genes[b, 1:n] = cols
+        input_ids[:, 0] = self.cls_id
+        values[:, 0] = 0.0
+        tokens = self.gene_token_ids[cols]
+        # Per cell, in cell order (the generator's stream): gene subset of long cells, then the masked slots. Only
+        # the random draws and contiguous slice copies stay per cell (cheaper here than scattering by index arrays).
+        for b, (lo, hi) in enumerate(zip(indptr[:-1].tolist(), indptr[1:].tolist())):
+            n = hi - lo
+            if n > max_genes:
+                keep = lo + np.sort(rng.choice(n, size=max_genes, replace=False))
+                c, t, v = cols[keep], tokens[keep], bins[keep]
+                n = max_genes
+            else:
+                c, t, v = cols[lo:hi], tokens[lo:hi], bins[lo:hi]
+            masked = choose_masked(n, self.mask_ratio, rng) + 1
+            input_ids[b, 1:n + 1] = t
+            values[b, 1:n + 1] = v
+            slot_genes[b, 1:n + 1] = c
+            labels[b, masked] = values[b, masked]
+            values[b, masked] = self.mask_value
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "values": torch.from_numpy(values),
@@ -88,3 +90,16 @@ class ScGPTCollator:
             "cell_type_ids": torch.from_numpy(np.asarray(rows.cell_type, dtype=np.int64)),
         }
         return batch, slot_genes
+
+
+def _drop_explicit_zeros(rows: CellRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, gene columns, counts) of the batch without stored zeros (as `CellRows.row`, for all cells)."""
+    indptr = np.asarray(rows.indptr, dtype=np.int64)
+    cols, counts = rows.indices[indptr[0]:indptr[-1]], rows.data[indptr[0]:indptr[-1]]
+    indptr = indptr - indptr[0]
+    keep = counts != 0
+    if keep.all():
+        return indptr, cols, counts
+    kept_before = np.zeros(len(keep) + 1, dtype=np.int64)  # kept nonzeros before each position
+    np.cumsum(keep, out=kept_before[1:])
+    return kept_before[indptr], cols[keep], counts[keep]
