@@ -61,11 +61,11 @@ def sample_coexpr_links(need: np.ndarray, table: np.ndarray, slot_genes: np.ndar
     def accept(cell, src, dst, w, order_key):
         nonlocal taken
         key = (cell.astype(np.int64) * seq_len + src) * seq_len + dst
-        ok = ~_in_sorted(key, existing_sorted) & ~np.isin(key, taken)
+        ok = ~_in_sorted(key, existing_sorted) & ~_in_sorted(key, taken)  # taken is kept sorted
         cell, src, dst, w, key, order_key = cell[ok], src[ok], dst[ok], w[ok], key[ok], order_key[ok]
         pick = _first_per_cell(cell, key, order_key, remaining)
         got.append((cell[pick], src[pick], dst[pick], w[pick]))
-        taken = np.concatenate([taken, key[pick]])
+        taken = np.sort(np.concatenate([taken, key[pick]]))
         remaining[:] -= np.bincount(cell[pick], minlength=n_cells)
 
     for r in range(_ROUNDS):
@@ -77,7 +77,7 @@ def sample_coexpr_links(need: np.ndarray, table: np.ndarray, slot_genes: np.ndar
         tok = np.searchsorted(cum, entry, "right") - 1
         pos = indptr[genes[tok]] + (entry - cum[tok])
         nbr = indices[pos]
-        dst = table[pcell, nbr].astype(np.int64)
+        dst = table.reshape(-1)[pcell * table.shape[1] + nbr].astype(np.int64)  # flat take: cheaper than 2-d
         valid = (dst >= 0) & (nbr != genes[tok])
         accept(pcell[valid], l[tok][valid].astype(np.int64), dst[valid], data[pos][valid],
                np.arange(len(pcell))[valid])
