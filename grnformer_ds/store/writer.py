@@ -108,7 +108,9 @@ class ShardWriter:
     def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
         try:
             # auto_shard_zarr_v3=False: obs/var are small; X has explicit shards.
-            with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+            with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+                # anndata silences this one in its own AnnData writer; writing elements one by one does not
+                warnings.filterwarnings("ignore", message=".*autosharding will be the default.*")
                 # Element by element, as anndata's writer does for an AnnData with X=None (writing the AnnData at
                 # "/" would first clear the group, X included, which is being written).
                 for key, elem in (("obs", obs), ("var", var), ("obsm", {}), ("varm", {}), ("obsp", {}),
