@@ -20,7 +20,7 @@ from .scatter import load_unit_stats, unit_dir, unit_done
 from .kernels import take_rows
 from .spill import read_range, spill_dtype
 from .schema import shard_relpath, work_path
-from .writer import shard_checksum, write_shard
+from .writer import ShardWriter, shard_checksum
 
 
 def gather_dir(store: str | Path) -> Path:
@@ -121,6 +121,8 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
     # one pass: reorder rows and widen the spill dtypes to the store's int32 / float32
     indptr, indices, data = take_rows(cat.pop("indptr"), cat.pop("indices"), cat.pop("data"), order)
     X = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+    rel = shard_relpath(k)
+    writer = ShardWriter(Path(store) / rel, X)  # X encodes and writes on tensorstore's threads meanwhile
     n = n_rows
     cell_index = offset + np.arange(n, dtype=np.int64)
 
@@ -131,8 +133,7 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
     obs["library_size"] = cat["library_size"][order].astype(np.float32)
     obs["n_genes"] = np.diff(X.indptr).astype(np.int32)
 
-    rel = shard_relpath(k)
-    write_shard(Path(store) / rel, X, obs, store_var(plan))
+    writer.finish(obs, store_var(plan))
     gather_dir(store).mkdir(parents=True, exist_ok=True)
     # The global input rows held by this shard, for finalize's "every kept cell exactly once" check.
     np.save(gather_dir(store) / f"shard-{k:06d}.rows.npy", cat["src_row"][order])

@@ -43,10 +43,12 @@ class H5adSource:
         layer: read counts from ``layers/<layer>`` instead of X.
         use_raw: read counts from ``raw/X`` (genes from ``raw/var``).
         gene_id_column: var column holding gene ids (e.g. ``gene_ids``); genes are then matched by id.
+        read_genes: read the var table (gene symbols / ids). The scatter stage passes False: the plan already read
+            and validated it, and decoding 20k+ gene names per row block cost ~10% of a build.
     """
 
     def __init__(self, path: str | Path, layer: str | None = None, use_raw: bool = False,
-                 gene_id_column: str | None = None):
+                 gene_id_column: str | None = None, read_genes: bool = True):
         self.path = str(path)
         if layer and use_raw:
             raise UserInputError("choose either a layer or raw.X, not both", path=self.path)
@@ -57,7 +59,7 @@ class H5adSource:
         except OSError as exc:
             raise UserInputError(f"unreadable or truncated h5ad file ({exc})", path=self.path) from None
         try:
-            self._init(layer, use_raw, gene_id_column)
+            self._init(layer, use_raw, gene_id_column, read_genes)
         except UserInputError:
             self.close()
             raise
@@ -67,7 +69,7 @@ class H5adSource:
                                  path=self.path) from None
 
     # -- layout -------------------------------------------------------------------------------------------------
-    def _init(self, layer: str | None, use_raw: bool, gene_id_column: str | None) -> None:
+    def _init(self, layer: str | None, use_raw: bool, gene_id_column: str | None, read_genes: bool = True) -> None:
         f = self._f
         if layer:
             if "layers" not in f or layer not in f["layers"]:
@@ -108,19 +110,22 @@ class H5adSource:
         if not (np.issubdtype(self.dtype, np.number) or self.dtype == np.bool_):
             raise UserInputError(f"{self.matrix_name} has non-numeric dtype {self.dtype}", path=self.path)
         self.n_obs, self.n_vars = self.shape
+        self._obs_node = f["obs"]
+        self.gene_ids: list[str] | None = None
+        if not read_genes:
+            self.gene_symbols: list[str] | None = None
+            return
 
         var_index = self._index_of(var_node)
         if len(var_index) != self.n_vars:
             raise UserInputError(f"var has {len(var_index)} genes but {self.matrix_name} has {self.n_vars} columns",
                                  path=self.path)
         self.gene_symbols = [str(v) for v in var_index]
-        self.gene_ids: list[str] | None = None
         if gene_id_column:
             col = self._column(var_node, gene_id_column)
             if col is None:
                 raise UserInputError(f"var has no column {gene_id_column!r} (--gene-id-column)", path=self.path)
             self.gene_ids = ["" if pd.isna(v) else str(v) for v in col]
-        self._obs_node = f["obs"]
 
     def _read_elem(self, node):
         import anndata as ad

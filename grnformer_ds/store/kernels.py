@@ -121,6 +121,48 @@ if HAVE_NUMBA:
     _take_rows = numba.njit(cache=True, nogil=True)(_take_rows)
 
 
+_POOL = None
+_MIN_SPLIT_NNZ = 1 << 22  # split a kernel call across threads only above this many entries
+
+
+def _threads() -> int:
+    import os
+
+    n = os.environ.get("GRNFORMER_KERNEL_THREADS")
+    if n is not None:
+        return max(1, int(n))
+    try:
+        return max(1, min(2, len(os.sched_getaffinity(0))))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, min(2, os.cpu_count() or 1))
+
+
+def _run_split(kernel, rows: np.ndarray, out_indptr: np.ndarray, args_before: tuple, args_after: tuple) -> None:
+    """kernel(*args_before, rows[a:b], ..., args_after) on disjoint output-row ranges, in threads.
+
+    The kernels are numba ``nogil``: each part writes its own slice of the outputs (positions from out_indptr),
+    so the parts run truly in parallel and the result is identical to one call. Used by the row copies of both
+    stages, whose other work (h5py reads, tensorstore writes) leaves a core idle with one worker process.
+    """
+    global _POOL
+    n_thr = _threads()
+    nnz = int(out_indptr[-1])
+    if n_thr <= 1 or nnz < _MIN_SPLIT_NNZ or len(rows) < 2 * n_thr:
+        kernel(*args_before, rows, out_indptr, *args_after)
+        return
+    # split at equal nnz
+    cuts = np.searchsorted(out_indptr, np.linspace(0, nnz, n_thr + 1)[1:-1]).tolist()
+    bounds = [0, *cuts, len(rows)]
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=n_thr, thread_name_prefix="store-kernel")
+    futs = [_POOL.submit(kernel, *args_before, rows[a:b], out_indptr[a:b + 1], *args_after)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    for f in futs:
+        f.result()
+
+
 def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, order: np.ndarray,
               index_dtype=np.int32, value_dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows `order` of a CSR matrix given by its arrays, as new (indptr int64, indices, data) arrays."""
@@ -134,7 +176,8 @@ def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, order: 
         return out_indptr, out.indices.astype(index_dtype), out.data.astype(value_dtype)
     out_indices = np.empty(nnz, dtype=index_dtype)
     out_data = np.empty(nnz, dtype=value_dtype)
-    _take_rows(indptr, indices, data, np.ascontiguousarray(order, dtype=np.int64), out_indptr, out_indices, out_data)
+    _run_split(_take_rows, np.ascontiguousarray(order, dtype=np.int64), out_indptr, (indptr, indices, data),
+               (out_indices, out_data))
     return out_indptr, out_indices, out_data
 
 
@@ -154,8 +197,8 @@ def emit_block(m: sp.csr_matrix, cmap: np.ndarray, rows: np.ndarray, row_len: np
     out_indices = np.empty(nnz, dtype=index_dtype)
     out_data = np.empty(nnz, dtype=value_dtype)
     if HAVE_NUMBA:
-        _emit_block(m.indptr, m.indices, m.data, cmap, np.ascontiguousarray(rows, dtype=np.int64), out_indptr,
-                    out_indices, out_data, n_cols, monotone, _DEBRUIJN, _DEBRUIJN_TABLE)
+        _run_split(_emit_block, np.ascontiguousarray(rows, dtype=np.int64), out_indptr, (m.indptr, m.indices, m.data, cmap),
+                   (out_indices, out_data, n_cols, monotone, _DEBRUIJN, _DEBRUIJN_TABLE))
         return out_indptr, out_indices, out_data
     ip, ind, dat = scipy_map_block(m, cmap, rows, n_cols)
     return ip, ind.astype(index_dtype), dat.astype(value_dtype)

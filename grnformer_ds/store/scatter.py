@@ -82,7 +82,8 @@ def run_scatter_unit(store: str | Path, plan: Plan, unit: int) -> dict:
     i, r0, r1 = u["input"], u["r0"], u["r1"]
     inp = meta["inputs"][i]
     path = inp["given_path"]
-    with H5adSource(path, layer=opts["layer"], use_raw=opts["use_raw"], gene_id_column=opts["gene_id_column"]) as src:
+    with H5adSource(path, layer=opts["layer"], use_raw=opts["use_raw"], gene_id_column=opts["gene_id_column"],
+                    read_genes=False) as src:
         if (src.n_obs, src.n_vars) != (inp["n_obs"], inp["n_vars"]):
             raise UserInputError("changed since the build was planned; rerun with --overwrite", path=path)
         m = src.read_rows(r0, r1)

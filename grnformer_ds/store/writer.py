@@ -62,36 +62,70 @@ def shard_checksum(indptr: np.ndarray, cell_index: np.ndarray) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _write_csr(group: zarr.Group, path: Path, X: sp.csr_matrix) -> None:
+def _start_csr(group: zarr.Group, path: Path, X: sp.csr_matrix) -> list:
     """X in anndata's csr_matrix encoding. The group and its attributes come from zarr; the three arrays are
     written with tensorstore (C++, several threads: ~10x faster than zarr-python's sharding writer here).
     Arrays are written one by one, not via scipy, because the store contract is indptr int64 / indices int32
-    whatever the shard size (scipy would give both one dtype)."""
+    whatever the shard size (scipy would give both one dtype).
+
+    Returns the pending write futures: all three writes are issued before waiting on any, so tensorstore encodes
+    (blosc + crc32c) and writes them on its own threads while the caller builds and writes obs/var."""
     import tensorstore as ts
 
     xg = group.create_group("X")
     xg.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(X.shape)})
+    pending = []
     for name, arr in (("data", X.data.astype(np.float32, copy=False)),
                       ("indices", X.indices.astype(np.int32, copy=False)),
                       ("indptr", X.indptr.astype(np.int64, copy=False))):
         out = ts.open(x_array_spec(path / "X" / name, arr.size, arr.dtype)).result()
         if arr.size:
-            out.write(arr).result()
+            pending.append(out.write(arr))
+    return pending
+
+
+class ShardWriter:
+    """Two-step shard write: `ShardWriter(path, X)` starts writing X in the background (tensorstore threads);
+    `finish(obs, var)` writes obs/var, waits for X, consolidates the metadata and renames the temporary directory
+    to `final_path` (replacing a stale copy). Nothing is visible under `final_path` before `finish` returns."""
+
+    def __init__(self, final_path: str | Path, X: sp.csr_matrix):
+        self.final_path = Path(final_path)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final_path.with_name(f"{self.final_path.name}.{tmp_suffix()}")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.X = X  # keep the arrays alive until the writes are done
+        with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+            self.group = zarr.open_group(self.tmp, mode="w", zarr_format=3)
+            self.pending = _start_csr(self.group, self.tmp, X)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, []
+        for fut in pending:
+            fut.result()
+
+    def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
+        try:
+            # auto_shard_zarr_v3=False: obs/var are small; X has explicit shards.
+            with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+                # anndata silences this one in its own AnnData writer; writing elements one by one does not
+                warnings.filterwarnings("ignore", message=".*autosharding will be the default.*")
+                # Element by element, as anndata's writer does for an AnnData with X=None (writing the AnnData at
+                # "/" would first clear the group, X included, which is being written).
+                for key, elem in (("obs", obs), ("var", var), ("obsm", {}), ("varm", {}), ("obsp", {}),
+                                  ("varp", {}), ("layers", {}), ("uns", {}), ("raw", None)):
+                    ad.io.write_elem(self.group, key, elem)
+                self.group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        finally:
+            self.wait()
+        with warnings.catch_warnings():  # "not part of the v3 spec" (see store/__init__.py)
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(self.tmp))  # one metadata read instead of one per array on open
+        replace_dir(self.tmp, self.final_path)
+        self.X = None
 
 
 def write_shard(final_path: str | Path, X: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame) -> None:
     """Write the shard to a temporary directory, then rename it to `final_path` (replacing a stale copy)."""
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final_path.with_name(f"{final_path.name}.{tmp_suffix()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    # auto_shard_zarr_v3=False: obs/var are small; X gets explicit shards below.
-    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        ad.io.write_elem(group, "/", ad.AnnData(obs=obs, var=var))
-        _write_csr(group, tmp, X)
-    with warnings.catch_warnings():  # "not part of the v3 spec" (see store/__init__.py)
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(tmp))  # one metadata read instead of one per array when a reader opens a shard
-    replace_dir(tmp, final_path)
+    ShardWriter(final_path, X).finish(obs, var)
