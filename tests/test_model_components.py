@@ -1,6 +1,7 @@
 """GRNFormer building blocks against independent references (torch.nn modules, PyG, formulas of scGPT/scFoundation)."""
 import math
 
+import flash_reference  # tests/ is on sys.path (pytest rootdir import)
 import pytest
 import torch
 from torch import nn
@@ -85,14 +86,8 @@ def test_attention_kernels_agree_and_flash_varlen_matches():
                          softmax_scale, causal):
         calls.update(cu_q=cu_seqlens_q.tolist(), cu_k=cu_seqlens_k.tolist(), max_q=max_seqlen_q,
                      max_k=max_seqlen_k, causal=causal, dtype=cu_seqlens_q.dtype)
-        outs = []
-        for i in range(len(cu_seqlens_q) - 1):
-            qs = qp[cu_seqlens_q[i]:cu_seqlens_q[i + 1]].transpose(0, 1)
-            ks = kp[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1)
-            vs = vp[cu_seqlens_k[i]:cu_seqlens_k[i + 1]].transpose(0, 1)
-            att = (qs @ ks.transpose(-1, -2) * softmax_scale).softmax(-1)
-            outs.append((att @ vs).transpose(0, 1))
-        return torch.cat(outs)
+        return flash_reference.reference_varlen(qp, kp, vp, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                dropout_p, softmax_scale, causal)
 
     out_flash = flash_attention(q, k, v, q_mask, kv_mask, 0.0, scale, varlen_func=reference_varlen)
     assert calls == dict(cu_q=[0, 6, 10, 11], cu_k=[0, 5, 7, 10], max_q=6, max_k=5, causal=False,

@@ -2,6 +2,7 @@
 attention-implementation parity, padding / per-cell graph isolation, pooling references."""
 import pytest
 import torch
+from flash_reference import reference_varlen  # tests/ is on sys.path (pytest rootdir import)
 
 from grnformer_ds.modeling import (
     GRNFormerConfig,
@@ -178,16 +179,7 @@ def test_eager_sdpa_and_flash_path_parity(backbone, monkeypatch):
         eager = model(**batch)
 
         # the flash path end to end, with flash-attn's varlen kernel replaced by a per-sequence reference
-        def fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                        causal):
-            outs = []
-            for i in range(len(cu_seqlens_q) - 1):
-                qs, ks, vs = (t[c[i]:c[i + 1]].transpose(0, 1) for t, c in
-                              ((q, cu_seqlens_q), (k, cu_seqlens_k), (v, cu_seqlens_k)))
-                outs.append(((qs @ ks.transpose(-1, -2) * softmax_scale).softmax(-1) @ vs).transpose(0, 1))
-            return torch.cat(outs)
-
-        monkeypatch.setattr(attention_mod, "_flash_varlen_func", lambda: fake_varlen)
+        monkeypatch.setattr(attention_mod, "_flash_varlen_func", lambda: reference_varlen)
         for module in model.modules():
             if isinstance(module, attention_mod.GRNFormerAttention):
                 module.attn_implementation = "flash_attention_2"

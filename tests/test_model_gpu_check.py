@@ -4,7 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
+from flash_reference import reference_varlen  # tests/ is on sys.path (pytest rootdir import)
 
 from grnformer_ds.modeling import attention as attention_mod
 from grnformer_ds.modeling import modeling_grnformer
@@ -19,20 +19,10 @@ def _load():
     return module
 
 
-def _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                      causal):
-    outs = []
-    for i in range(len(cu_seqlens_q) - 1):
-        qs, ks, vs = (t[c[i]:c[i + 1]].transpose(0, 1) for t, c in
-                      ((q, cu_seqlens_q), (k, cu_seqlens_k), (v, cu_seqlens_k)))
-        outs.append(((qs @ ks.transpose(-1, -2) * softmax_scale).softmax(-1) @ vs).transpose(0, 1))
-    return torch.cat(outs)
-
-
 def test_gpu_check_script_cpu_smoke_with_reference_flash(tmp_path, monkeypatch):
     script = _load()
     monkeypatch.setattr(script, "flash_status", lambda device: (True, "reference kernel"))
-    monkeypatch.setattr(attention_mod, "_flash_varlen_func", lambda: _reference_varlen)
+    monkeypatch.setattr(attention_mod, "_flash_varlen_func", lambda: reference_varlen)
     monkeypatch.setattr(modeling_grnformer, "resolve_attn_implementation", lambda impl: impl or "sdpa")
     out = tmp_path / "check.json"
     rc = script.main(["--device", "cpu", "--small", "--backbones", "scgpt", "--json", str(out)])
