@@ -117,7 +117,8 @@ def test_round_trip_shuffle_and_metadata(inputs, ref_store):
 def test_shards_read_by_tensorstore_zarr3(ref_store):
     a = ref_store.read_shard(1)
     path = ref_store.shard_paths[1]
-    for key, dtype in (("data", np.float32), ("indices", np.int32), ("indptr", np.int64)):
+    # integer counts below 65,536: stored as uint16 (schema.py)
+    for key, dtype in (("data", np.uint16), ("indices", np.int32), ("indptr", np.int64)):
         arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "X" / key)}}).result()
         got = arr.read().result()
         assert got.dtype == dtype
@@ -276,6 +277,28 @@ def test_clashing_cell_names_get_the_source_prefix_and_raw_x(tmp_path):
     assert st.manifest["matrix"] == "raw.X" and st.read_shard(0).X.sum() == X.sum()
     with pytest.raises(UserInputError, match="no layer 'counts'"):
         build([tmp_path / "raw.h5ad"], tmp_path / "r2", layer="counts")
+
+
+@pytest.mark.parametrize("special, dtype", [(None, np.uint16), (2.5, np.float32), (70000.0, np.float32)])
+def test_x_data_dtype_is_store_wide(tmp_path, special, dtype):
+    """Counts are stored as uint16 only when every value of every input fits exactly; one non-integer (with
+    --allow-non-integer) or one count > 65,535 anywhere makes every shard float32, and the values round-trip."""
+    genes = [f"G{i}" for i in range(8)]
+    X1, X2 = make_counts(40, 8, 1), make_counts(40, 8, 2)
+    if special is not None:
+        X2[3, 5] = special
+    f1, f2 = write_h5ad(tmp_path / "a.h5ad", X1, genes), write_h5ad(tmp_path / "b.h5ad", X2, genes, cell_prefix="d")
+    st = build([f1, f2], tmp_path / "s", shard_size=16, block_cells=20, allow_non_integer=special == 2.5)
+    assert len(st.shards) == 5
+    for i in range(len(st.shards)):
+        a = st.read_shard(i)
+        assert a.X.dtype == dtype and a.X.indices.dtype == np.int32
+    got = store_rows_by_name(st)
+    for prefix, X in (("c", X1), ("d", X2)):
+        for r in np.flatnonzero(X.sum(1) > 0):
+            cols, vals = got[f"{prefix}{r}"]
+            np.testing.assert_array_equal(cols, np.flatnonzero(X[r]))
+            np.testing.assert_array_equal(vals.astype(np.float64), X[r][X[r] != 0].astype(np.float64))
 
 
 def test_single_array_with_barrier_equals_single_job(inputs, ref_store, tmp_path):

@@ -23,7 +23,7 @@ def test_demo_store_matches_pbmc68k_counts(tmp_path):
     assert st.cell_types == sorted(src.obs["bulk_labels"].cat.categories)
     assert sorted(st.gene_names) == st.gene_names == sorted(raw.var_names)
     a = st.read_shard(0)
-    assert a.X.dtype == np.float32
+    assert a.X.dtype == np.uint16  # integer counts < 65,536: stored exactly in the narrowest dtype
     col = {g: j for j, g in enumerate(raw.var_names)}
     perm = [col[g] for g in a.var_names]
     row = {c: i for i, c in enumerate(src.obs_names)}

@@ -10,7 +10,8 @@ import numpy as np
 class CellRows:
     """B cells in CSR form. Gene references are store gene columns ``j in [0, G)`` (DESIGN.md section 1).
 
-    indptr: (B+1,) int64; indices: (nnz,) int32 gene columns; data: (nnz,) float32 raw counts;
+    indptr: (B+1,) int64; indices: (nnz,) int32 gene columns; data: (nnz,) float32 raw counts (a block straight from
+    `StoreReader.read_range` keeps the store's narrower X dtypes, e.g. uint16; batches are always int32 / float32);
     cell_index: (B,) int64 global store positions; cell_type: (B,) int64 index into manifest ``cell_types``
     (-1 unknown);
     active_regulons: (B, ceil(R/8)) uint8 little-endian packed bitsets, or None when the store has no GRN assets.

@@ -112,10 +112,11 @@ class ShardReader:
         indices, data = self._indices.read_async(lo, hi), self._data.read_async(lo, hi)
         if active is not None:
             active = np.ascontiguousarray(_result(active), dtype=np.uint8)
+        # indices/data stay in the store's dtypes (uint16 in most stores): the batch gather widens them while copying
         return CellRows(
             indptr=self.indptr[r0:r1 + 1] - lo,
-            indices=_result(indices).astype(np.int32, copy=False),
-            data=_result(data).astype(np.float32, copy=False),
+            indices=_result(indices),
+            data=_result(data),
             cell_index=np.arange(self.cell_offset + r0, self.cell_offset + r1, dtype=np.int64),
             cell_type=self.cell_type[r0:r1],
             active_regulons=active,
@@ -168,7 +169,7 @@ class StoreReader:
         return all(s.has_active_regulons for s in self.shards)
 
     def read_range(self, g0: int, g1: int, with_active: bool = False) -> CellRows:
-        """Global cells ``[g0, g1)`` (may span shards)."""
+        """Global cells ``[g0, g1)`` (may span shards). indices/data keep the store's X dtypes (see `CellRows`)."""
         parts = []
         k = int(np.searchsorted(self._offsets, g0, side="right")) - 1
         while g0 < g1:

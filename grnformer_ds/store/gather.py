@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from ..errors import UserInputError
 from .atomic import atomic_write_json
@@ -19,8 +18,8 @@ from .plan import Plan, source_names
 from .scatter import load_unit_stats, unit_dir, unit_done
 from .kernels import take_rows
 from .spill import read_range, spill_dtype
-from .schema import shard_relpath, work_path
-from .writer import ShardWriter, shard_checksum
+from .schema import X_INDICES_DTYPE, shard_relpath, work_path
+from .writer import CsrArrays, ShardWriter, shard_checksum
 
 
 def gather_dir(store: str | Path) -> Path:
@@ -48,6 +47,19 @@ def _unit_table(store: str, plan_id: str, n_units: int) -> tuple[np.ndarray, np.
         counts.append(st["shard_counts"])
         nnz.append(st["shard_nnz"])
     return np.asarray(counts, dtype=np.int64), np.asarray(nnz, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _data_spill_dtypes(store: str, plan_id: str, n_units: int) -> frozenset:
+    return frozenset(spill_dtype(unit_dir(store, u) / "data.npy").str for u in range(n_units))
+
+
+def store_x_dtypes(store: str | Path, plan: Plan) -> tuple[np.dtype, np.dtype]:
+    """(X/data dtype, X/indices dtype) of every shard of the store (schema.py): counts stay uint16 only when every
+    scatter unit of the whole store could spill them as uint16, so all shards share one dtype."""
+    spilled = _data_spill_dtypes(str(store), plan.id, len(plan.units))
+    data = np.dtype(np.uint16) if spilled <= {np.dtype(np.uint16).str} else np.dtype(np.float32)
+    return data, np.dtype(X_INDICES_DTYPE)
 
 
 def shard_layout(store: str | Path, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -83,18 +95,19 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
     offset = int(counts[:, :k].sum())
 
     # Read this shard's rows of every unit straight into preallocated arrays (sizes known from the unit stats),
-    # in the spills' compact dtypes (uint16 values unless some unit needed float32).
+    # values in the store's dtype (read_range widens a uint16 spill when the store needs float32), gene columns in the
+    # spills' uint16 (take_rows widens them to int32 while reordering).
     pieces = [(u["unit"], u["input"]) for u in plan.units if counts[u["unit"], k] > 0]
     _, nnz_table = _unit_table(str(store), plan.id, len(plan.units))
     n_rows = int(counts[:, k].sum())
     n_nnz = int(nnz_table[:, k].sum())
-    data_dtypes = {spill_dtype(unit_dir(store, unit) / "data.npy") for unit, _ in pieces}
-    index_dtypes = {spill_dtype(unit_dir(store, unit) / "indices.npy") for unit, _ in pieces}
+    data_dtype, index_dtype = store_x_dtypes(store, plan)
+    spill_index_dtypes = {spill_dtype(unit_dir(store, unit) / "indices.npy") for unit, _ in pieces}
     cat = {"dest": np.empty(n_rows, np.int64), "src_row": np.empty(n_rows, np.int64),
            "library_size": np.empty(n_rows, np.float32), "cell_type": np.empty(n_rows, np.int32),
            "input": np.empty(n_rows, np.int32), "indptr": np.zeros(n_rows + 1, np.int64),
-           "data": np.empty(n_nnz, data_dtypes.pop() if len(data_dtypes) == 1 else np.float32),
-           "indices": np.empty(n_nnz, index_dtypes.pop() if len(index_dtypes) == 1 else np.int32)}
+           "data": np.empty(n_nnz, data_dtype),
+           "indices": np.empty(n_nnz, spill_index_dtypes.pop() if len(spill_index_dtypes) == 1 else index_dtype)}
     name_parts = []
     r = e = 0
     for unit, inp in pieces:
@@ -118,9 +131,10 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
     names = np.concatenate([n.astype(object) for n in name_parts]) if name_parts else np.zeros(0, dtype=object)
     n_genes = len(meta["gene_keys"])
     order = np.argsort(cat["dest"], kind="stable")  # shuffled order (dest values are unique)
-    # one pass: reorder rows and widen the spill dtypes to the store's int32 / float32
-    indptr, indices, data = take_rows(cat.pop("indptr"), cat.pop("indices"), cat.pop("data"), order)
-    X = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+    # one pass: rows in shuffled order, gene columns widened to int32
+    indptr, indices, data = take_rows(cat.pop("indptr"), cat.pop("indices"), cat.pop("data"), order,
+                                      index_dtype=index_dtype, value_dtype=data_dtype)
+    X = CsrArrays(data=data, indices=indices, indptr=indptr, shape=(n_rows, n_genes))
     rel = shard_relpath(k)
     writer = ShardWriter(Path(store) / rel, X)  # X encodes and writes on tensorstore's threads meanwhile
     n = n_rows

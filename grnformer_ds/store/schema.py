@@ -22,6 +22,14 @@ SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
 X_INNER_CHUNK = 65536
 X_CHUNKS_PER_SHARD = 64
 
+# X dtypes. Counts (X/data) are uint16 when every value of the whole store is an integer <= 65,535 (nearly always
+# for raw UMI counts), float32 otherwise (non-integer data, or a larger count somewhere): the streaming reader is bound
+# by decoding X and the gather stage by copying it, and half the bytes of the values make both cheaper (BENCHMARKS.md).
+# Gene columns (X/indices) stay int32 even below 65,536 genes: scipy warns on unsigned index arrays, and the shards
+# must stay plain scverse objects.
+X_INDICES_DTYPE = "int32"
+X_INDPTR_DTYPE = "int64"
+
 # Manifest keys a reader requires (a manifest without any of them is "incomplete").
 REQUIRED_MANIFEST_KEYS = (
     "format", "schema_version", "complete", "n_cells", "n_genes", "nnz", "vocab_size", "special_tokens",

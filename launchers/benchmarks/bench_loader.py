@@ -112,6 +112,9 @@ def prepare(workdir: Path, args) -> tuple[Path, Path, Path]:
     from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
 
     t = time.perf_counter()
+    import shutil
+
+    shutil.rmtree(scdl, ignore_errors=True)  # SCDL refuses to overwrite a memmap of an earlier, other input
     SingleCellMemMapDataset(str(scdl), h5ad_path=str(h5ad), use_X_not_raw=True)
     print(f"SCDL memmap built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     tag.write_text(json.dumps(params))
