@@ -14,7 +14,7 @@ from .atomic import atomic_write_json
 from .gather import gather_dir, missing_units, shard_done, shard_record_path
 from .manifest import write_manifest
 from .plan import Plan, load_plan
-from .scatter import load_unit_stats, unit_dir
+from .scatter import load_unit_stats, unit_src_rows
 from .schema import FORMAT, SCHEMA_VERSION, SHARDS_DIR, SPECIAL_TOKENS, shard_relpath, vocab_path, work_path
 from .vocab import vocab_sha256
 from .writer import shard_checksum
@@ -106,7 +106,7 @@ def finalize_store(store: str | Path, verify_data: bool = False, keep_work: bool
     N = plan.meta["n_total"]
     expected = np.zeros(N, dtype=bool)
     for u in plan.units:
-        expected[np.load(unit_dir(store, u["unit"]) / "src_row.npy")] = True
+        expected[unit_src_rows(store, u["unit"])] = True
     seen = np.zeros(N, dtype=bool)
     offset = 0
     for rec in records:

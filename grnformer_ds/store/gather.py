@@ -15,8 +15,10 @@ import pandas as pd
 from ..errors import UserInputError
 from .atomic import atomic_write_json
 from .plan import Plan, source_names
-from .scatter import load_unit_stats, unit_dir, unit_done
-from .kernels import take_rows
+from .direct import OpenedSource, direct_source
+from .h5ad_reader import H5adSource
+from .kernels import put_rows, run_tasks
+from .scatter import CELL_DTYPE, UNIT_LAYOUT, load_unit_stats, unit_dir, unit_done
 from .spill import read_range, spill_dtype
 from .schema import X_INDICES_DTYPE, shard_relpath, work_path
 from .writer import CsrArrays, ShardWriter, shard_checksum
@@ -50,14 +52,30 @@ def _unit_table(store: str, plan_id: str, n_units: int) -> tuple[np.ndarray, np.
 
 
 @functools.lru_cache(maxsize=4)
-def _data_spill_dtypes(store: str, plan_id: str, n_units: int) -> frozenset:
-    return frozenset(spill_dtype(unit_dir(store, u) / "data.npy").str for u in range(n_units))
+def _unit_value_dtypes(store: str, plan_id: str, n_units: int) -> frozenset:
+    """The value dtype each unit could store its counts in (recorded in stats.json; older units: their data spill)."""
+    out = set()
+    for u in range(n_units):
+        st = load_unit_stats(store, u)
+        out.add(np.dtype(st["value_dtype"]).str if "value_dtype" in st
+                else spill_dtype(unit_dir(store, u) / "data.npy").str)
+    return frozenset(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _unit_modes(store: str, plan_id: str, n_units: int) -> tuple[str, ...]:
+    """Per unit: "direct" (rows are read from the input), "spill" (rows in the unit dir), "legacy" (older layout)."""
+    modes = []
+    for u in range(n_units):
+        st = load_unit_stats(store, u)
+        modes.append(st.get("mode", "legacy") if st.get("layout") == UNIT_LAYOUT else "legacy")
+    return tuple(modes)
 
 
 def store_x_dtypes(store: str | Path, plan: Plan) -> tuple[np.dtype, np.dtype]:
     """(X/data dtype, X/indices dtype) of every shard of the store (schema.py): counts stay uint16 only when every
-    scatter unit of the whole store could spill them as uint16, so all shards share one dtype."""
-    spilled = _data_spill_dtypes(str(store), plan.id, len(plan.units))
+    scatter unit of the whole store could store them as uint16, so all shards share one dtype."""
+    spilled = _unit_value_dtypes(str(store), plan.id, len(plan.units))
     data = np.dtype(np.uint16) if spilled <= {np.dtype(np.uint16).str} else np.dtype(np.float32)
     return data, np.dtype(X_INDICES_DTYPE)
 
@@ -82,6 +100,32 @@ def store_var(plan: Plan) -> pd.DataFrame:
     return var
 
 
+@functools.lru_cache(maxsize=64)
+def _direct_input(plan_dir: str, plan_id: str, i: int, path: str, layer, use_raw: bool):
+    """(DirectSource, whole indptr int64) of input i, once per worker process."""
+    with H5adSource(path, layer=layer, use_raw=use_raw, read_genes=False) as src:
+        ds = direct_source(src)
+        if ds is None:
+            raise UserInputError("changed since the build was planned (its count matrix can no longer be read "
+                                 "directly); rerun with --overwrite", path=path)
+        return ds, np.asarray(src._indptr[:], dtype=np.int64)
+
+
+def _read_unit_piece(d: Path, mode: str, a: int, b: int, cells: np.ndarray) -> None:
+    """Records [a, b) of a unit into `cells` (CELL_DTYPE); older unit layouts kept one .npy per field."""
+    if mode != "legacy":
+        read_range(d / "cells.npy", a, b, cells)
+        return
+    for key in ("dest", "src_row", "library_size", "cell_type"):
+        cells[key] = read_range(d / f"{key}.npy", a, b)
+    cells["row_len"] = np.diff(read_range(d / "indptr.npy", a, b + 1))
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    cuts = np.linspace(0, n, parts + 1).astype(np.int64)
+    return [(int(x), int(y)) for x, y in zip(cuts[:-1], cuts[1:]) if y > x]
+
+
 def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
     """Build output shard `k` (idempotent: returns its record when it is already done)."""
     if shard_done(store, k):
@@ -91,49 +135,90 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
         raise UserInputError(f"scatter stage unfinished: {len(missing)} of {len(plan.units)} units missing "
                              f"(first: {missing[0]}); run --stage scatter for every task first", path=str(store))
     meta = plan.meta
-    counts, _ = _unit_table(str(store), plan.id, len(plan.units))
+    opts = meta["options"]
+    n_units = len(plan.units)
+    counts, nnz_table = _unit_table(str(store), plan.id, n_units)
+    modes = _unit_modes(str(store), plan.id, n_units)
     offset = int(counts[:, :k].sum())
+    starts = np.zeros((n_units, counts.shape[1] + 1), dtype=np.int64)
+    np.cumsum(counts, axis=1, out=starts[:, 1:])
 
-    # Read this shard's rows of every unit straight into preallocated arrays (sizes known from the unit stats),
-    # values in the store's dtype (read_range widens a uint16 spill when the store needs float32), gene columns in the
-    # spills' uint16 (take_rows widens them to int32 while reordering).
+    # 1. this shard's cell records of every unit, and the X rows of the units that spilled them (read straight into
+    #    preallocated staging arrays, values in the store's dtype, gene columns in the spills' dtype)
     pieces = [(u["unit"], u["input"]) for u in plan.units if counts[u["unit"], k] > 0]
-    _, nnz_table = _unit_table(str(store), plan.id, len(plan.units))
     n_rows = int(counts[:, k].sum())
-    n_nnz = int(nnz_table[:, k].sum())
     data_dtype, index_dtype = store_x_dtypes(store, plan)
-    spill_index_dtypes = {spill_dtype(unit_dir(store, unit) / "indices.npy") for unit, _ in pieces}
-    cat = {"dest": np.empty(n_rows, np.int64), "src_row": np.empty(n_rows, np.int64),
-           "library_size": np.empty(n_rows, np.float32), "cell_type": np.empty(n_rows, np.int32),
-           "input": np.empty(n_rows, np.int32), "indptr": np.zeros(n_rows + 1, np.int64),
-           "data": np.empty(n_nnz, data_dtype),
-           "indices": np.empty(n_nnz, spill_index_dtypes.pop() if len(spill_index_dtypes) == 1 else index_dtype)}
+    spilled = [(unit, inp) for unit, inp in pieces if modes[unit] != "direct"]
+    st_nnz = int(sum(nnz_table[unit, k] for unit, _ in spilled))
+    spill_index_dtypes = {spill_dtype(unit_dir(store, unit) / "indices.npy") for unit, _ in spilled}
+    st_indices = np.empty(st_nnz, spill_index_dtypes.pop() if len(spill_index_dtypes) == 1 else index_dtype)
+    st_data = np.empty(st_nnz, data_dtype)
+    st_indptr = [np.zeros(1, np.int64)]
+    cells = np.empty(n_rows, dtype=CELL_DTYPE)
+    cell_input = np.empty(n_rows, np.int32)
+    staged = np.full(n_rows, -1, np.int64)  # staging row of a spilled cell, -1 for a direct one
     name_parts = []
-    r = e = 0
+    r = e = s_rows = 0
     for unit, inp in pieces:
         d = unit_dir(store, unit)
-        sp_ = read_range(d / "shard_ptr.npy", k, k + 2)
-        a, b = int(sp_[0]), int(sp_[1])
-        ip = read_range(d / "indptr.npy", a, b + 1)
-        lo, hi = int(ip[0]), int(ip[-1])
-        read_range(d / "data.npy", lo, hi, cat["data"][e:e + hi - lo])
-        read_range(d / "indices.npy", lo, hi, cat["indices"][e:e + hi - lo])
-        cat["indptr"][r + 1:r + b - a + 1] = ip[1:] - lo + e
-        for key in ("dest", "src_row", "library_size", "cell_type"):
-            read_range(d / f"{key}.npy", a, b, cat[key][r:r + b - a])
-        cat["input"][r:r + b - a] = inp
+        a, b = int(starts[unit, k]), int(starts[unit, k + 1])
+        _read_unit_piece(d, modes[unit], a, b, cells[r:r + b - a])
+        cell_input[r:r + b - a] = inp
         name_parts.append(read_range(d / "names.npy", a, b))
+        if modes[unit] != "direct":
+            ip = read_range(d / "indptr.npy", a, b + 1)
+            lo, hi = int(ip[0]), int(ip[-1])
+            read_range(d / "data.npy", lo, hi, st_data[e:e + hi - lo])
+            read_range(d / "indices.npy", lo, hi, st_indices[e:e + hi - lo])
+            st_indptr.append(ip[1:] - lo + e)
+            staged[r:r + b - a] = np.arange(s_rows, s_rows + b - a)
+            s_rows += b - a
+            e += hi - lo
         r += b - a
-        e += hi - lo
-    if r != n_rows or e != n_nnz:
+    if r != n_rows or e != st_nnz or int(cells["row_len"].sum()) != int(nnz_table[:, k].sum()):
         raise UserInputError(f"scatter records of shard {k} disagree with their data; delete _work/scatter and "
                              "rerun", path=str(store))
-    names = np.concatenate([n.astype(object) for n in name_parts]) if name_parts else np.zeros(0, dtype=object)
+    names = np.concatenate(name_parts) if name_parts else np.zeros(0, dtype="S1")
     n_genes = len(meta["gene_keys"])
-    order = np.argsort(cat["dest"], kind="stable")  # shuffled order (dest values are unique)
-    # one pass: rows in shuffled order, gene columns widened to int32
-    indptr, indices, data = take_rows(cat.pop("indptr"), cat.pop("indices"), cat.pop("data"), order,
-                                      index_dtype=index_dtype, value_dtype=data_dtype)
+    order = np.argsort(cells["dest"], kind="stable")  # shuffled order (dest values are unique)
+    cells = cells[order]
+    cell_input = cell_input[order]
+    staged = staged[order]
+
+    # 2. X in shuffled order: each row copied once, to its final place (rows of different tasks are disjoint)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(cells["row_len"], out=indptr[1:])
+    nnz = int(indptr[-1])
+    indices = np.empty(nnz, dtype=index_dtype)
+    data = np.empty(nnz, dtype=data_dtype)
+    tasks = []
+    is_direct = staged < 0
+    if (~is_direct).any():
+        sel = np.nonzero(~is_direct)[0]
+        st_ip = np.concatenate(st_indptr)
+        for x, y in _split(len(sel), 2):
+            tasks.append((put_rows, (st_ip, st_indices, st_data, staged[sel[x:y]], indptr[sel[x:y]], indices, data)))
+    opened = []
+    try:
+        for i in np.unique(cell_input[is_direct]).tolist():
+            inp = meta["inputs"][i]
+            ds, in_indptr = _direct_input(str(plan.dir), plan.id, i, inp["given_path"], opts["layer"],
+                                          bool(opts["use_raw"]))
+            f = OpenedSource(ds, fingerprint=inp)
+            opened.append(f)
+            sel = np.nonzero(is_direct & (cell_input == i))[0]
+            local = cells["src_row"][sel] - inp["row_offset"]
+            cmap, monotone = plan.colmap(i), plan.colmap_monotone(i)
+            for x, y in _split(len(sel), 2):
+                tasks.append((f.read_rows, (in_indptr, local[x:y], indptr[sel[x:y]], cells["row_len"][sel[x:y]],
+                                            cmap, n_genes, monotone, indices, data)))
+        if any(status != 0 for status in run_tasks(tasks)):
+            raise UserInputError("input changed since the scatter stage (rows differ); rerun with --overwrite",
+                                 path=str(store))
+    finally:
+        for f in opened:
+            f.__exit__()
+
     X = CsrArrays(data=data, indices=indices, indptr=indptr, shape=(n_rows, n_genes))
     rel = shard_relpath(k)
     writer = ShardWriter(Path(store) / rel, X)  # X encodes and writes on tensorstore's threads meanwhile
@@ -142,18 +227,16 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
 
     obs = pd.DataFrame(index=pd.Index([x.decode("utf-8") for x in names[order]], dtype=object))
     obs["cell_index"] = cell_index
-    obs["cell_type"] = pd.Categorical.from_codes(cat["cell_type"][order], categories=meta["cell_types"])
-    obs["source_file"] = pd.Categorical.from_codes(cat["input"][order], categories=source_names(meta))
-    obs["library_size"] = cat["library_size"][order].astype(np.float32)
+    obs["cell_type"] = pd.Categorical.from_codes(cells["cell_type"], categories=meta["cell_types"])
+    obs["source_file"] = pd.Categorical.from_codes(cell_input, categories=source_names(meta))
+    obs["library_size"] = cells["library_size"].astype(np.float32)
     obs["n_genes"] = np.diff(X.indptr).astype(np.int32)
 
     writer.finish(obs, store_var(plan))
     gather_dir(store).mkdir(parents=True, exist_ok=True)
     # The global input rows held by this shard, for finalize's "every kept cell exactly once" check.
-    np.save(gather_dir(store) / f"shard-{k:06d}.rows.npy", cat["src_row"][order])
+    np.save(gather_dir(store) / f"shard-{k:06d}.rows.npy", np.ascontiguousarray(cells["src_row"]))
     record = {"shard": k, "path": rel, "n_cells": int(n), "nnz": int(X.nnz), "cell_offset": offset,
               "checksum": shard_checksum(X.indptr, cell_index)}
     atomic_write_json(shard_record_path(store, k), record)
     return record
-
-

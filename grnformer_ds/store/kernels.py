@@ -115,7 +115,19 @@ def _take_rows(indptr, indices, data, order, out_indptr, out_indices, out_data):
             out_data[b + t] = data[a + t]
 
 
+def _put_rows(indptr, indices, data, rows, out_start, out_indices, out_data):
+    """Row rows[o] of a CSR matrix (by its arrays) to position out_start[o] of the out arrays, widening dtypes."""
+    for o in range(rows.shape[0]):
+        r = rows[o]
+        a = indptr[r]
+        b = out_start[o]
+        for t in range(indptr[r + 1] - a):
+            out_indices[b + t] = indices[a + t]
+            out_data[b + t] = data[a + t]
+
+
 if HAVE_NUMBA:
+    _put_rows = numba.njit(cache=True, nogil=True)(_put_rows)
     _count_block = numba.njit(cache=True, nogil=True)(_count_block)
     _emit_block = numba.njit(cache=True, nogil=True)(_emit_block)
     _take_rows = numba.njit(cache=True, nogil=True)(_take_rows)
@@ -161,6 +173,39 @@ def _run_split(kernel, rows: np.ndarray, out_indptr: np.ndarray, args_before: tu
             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     for f in futs:
         f.result()
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="store-kernel")
+    return _POOL
+
+
+def run_tasks(tasks: list) -> list:
+    """Results of fn(*args) for (fn, args) in `tasks`, on the kernel threads (numba nogil kernels writing disjoint
+    parts of their outputs) or in this thread when there is one core or one task."""
+    if _threads() <= 1 or len(tasks) <= 1:
+        return [fn(*args) for fn, args in tasks]
+    futs = [_pool().submit(fn, *args) for fn, args in tasks]
+    return [f.result() for f in futs]
+
+
+def put_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, out_start: np.ndarray,
+             out_indices: np.ndarray, out_data: np.ndarray) -> int:
+    """Copy CSR rows `rows` to their positions `out_start` in preallocated out arrays (gather's spilled rows)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out_start = np.ascontiguousarray(out_start, dtype=np.int64)
+    if HAVE_NUMBA:
+        _put_rows(indptr, indices, data, rows, out_start, out_indices, out_data)
+        return 0
+    for r, b in zip(rows.tolist(), out_start.tolist()):  # pragma: no cover - numba ships with scanpy
+        a, z = int(indptr[r]), int(indptr[r + 1])
+        out_indices[b:b + z - a] = indices[a:z]
+        out_data[b:b + z - a] = data[a:z]
+    return 0
 
 
 def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, order: np.ndarray,
