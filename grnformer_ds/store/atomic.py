@@ -30,8 +30,10 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: str | Path, obj: Any, compact: bool = False) -> None:
+    """`compact`: no indentation (json's C encoder; the plan's 20k-gene tables took ~0.3 s with indent)."""
+    text = json.dumps(obj) if compact else json.dumps(obj, indent=1, sort_keys=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def tmp_suffix() -> str:

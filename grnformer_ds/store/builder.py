@@ -10,8 +10,9 @@ import functools
 import multiprocessing as mp
 import shutil
 import sys
+import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -113,19 +114,46 @@ class _Pool:
                     bar.update(weight)
                 return
             if self._ex is None:
-                self._ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
-            futs = {self._ex.submit(fn, store, plan.id, item): weight for item, weight in items}
-            pending = set(futs)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    if f.exception() is not None:
-                        for p in pending:
-                            p.cancel()
-                        raise f.exception()
-                    bar.update(futs[f])
+                self._ex = ProcessPoolExecutor(max_workers=self.workers - 1, mp_context=mp.get_context("spawn"))
+            self._run_slots(fn, store, plan, items, bar)
         finally:
             bar.close()
+
+    def _run_slots(self, fn, store: str, plan: Plan, items: list[tuple[int, int]], bar) -> None:
+        """`workers` slots take items from one queue: this process (already started, modules loaded: a spawned
+        worker spends ~1.5 CPU-s importing before its first item) and workers - 1 pool processes. On the first
+        failure no new item starts; the running ones finish and the error is raised."""
+        todo = list(reversed(items))
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def take():
+            with lock:
+                return None if errors or not todo else todo.pop()
+
+        def slot(remote: bool) -> None:
+            while (nxt := take()) is not None:
+                item, weight = nxt
+                try:
+                    if remote:
+                        self._ex.submit(fn, store, plan.id, item).result()
+                    else:
+                        fn(store, plan.id, item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller (KeyboardInterrupt included)
+                    with lock:
+                        errors.append(exc)
+                    return
+                with lock:
+                    bar.update(weight)
+
+        threads = [threading.Thread(target=slot, args=(r,), daemon=True)
+                   for r in [False] + [True] * (self.workers - 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
         if self._ex is not None:

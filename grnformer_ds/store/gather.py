@@ -121,6 +121,14 @@ def _read_unit_piece(d: Path, mode: str, a: int, b: int, cells: np.ndarray) -> N
     cells["row_len"] = np.diff(read_range(d / "indptr.npy", a, b + 1))
 
 
+def _decode_names(b: np.ndarray) -> np.ndarray:
+    """A fixed-width bytes array of UTF-8 names as an object array of str (vectorized when all ASCII)."""
+    b = np.ascontiguousarray(b)
+    if b.size and b.dtype.kind == "S" and int(b.view(np.uint8).max()) < 128:
+        return b.astype("U").astype(object)
+    return np.array([x.decode("utf-8") for x in b], dtype=object)
+
+
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
     cuts = np.linspace(0, n, parts + 1).astype(np.int64)
     return [(int(x), int(y)) for x, y in zip(cuts[:-1], cuts[1:]) if y > x]
@@ -208,7 +216,7 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
             opened.append(f)
             sel = np.nonzero(is_direct & (cell_input == i))[0]
             local = cells["src_row"][sel] - inp["row_offset"]
-            cmap, monotone = plan.colmap(i), plan.colmap_monotone(i)
+            cmap, monotone = plan.colmap(i).astype(np.int32), plan.colmap_monotone(i)
             for x, y in _split(len(sel), 2):
                 tasks.append((f.read_rows, (in_indptr, local[x:y], indptr[sel[x:y]], cells["row_len"][sel[x:y]],
                                             cmap, n_genes, monotone, indices, data)))
@@ -225,7 +233,7 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
     n = n_rows
     cell_index = offset + np.arange(n, dtype=np.int64)
 
-    obs = pd.DataFrame(index=pd.Index([x.decode("utf-8") for x in names[order]], dtype=object))
+    obs = pd.DataFrame(index=pd.Index(_decode_names(names[order]), dtype=object))
     obs["cell_index"] = cell_index
     obs["cell_type"] = pd.Categorical.from_codes(cells["cell_type"], categories=meta["cell_types"])
     obs["source_file"] = pd.Categorical.from_codes(cell_input, categories=source_names(meta))

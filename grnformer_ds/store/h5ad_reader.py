@@ -168,6 +168,26 @@ class H5adSource:
                 return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in vals], dtype=object)
         return np.asarray([str(v) for v in self.obs_names()[r0:r1]], dtype=object)
 
+    def obs_names_bytes_slice(self, r0: int, r1: int) -> np.ndarray:
+        """Cell names of rows ``[r0, r1)`` as a fixed-width bytes ("S", UTF-8) array, without a str object per name
+        when the index is a string dataset (the usual layout); else encoded from `obs_names_slice`."""
+        node = self._obs_node
+        if isinstance(node, h5py.Group):
+            key = node.attrs.get("_index", "_index")
+            key = key.decode() if isinstance(key, bytes) else key
+            ds = node[key]
+            if isinstance(ds, h5py.Dataset) and ds.dtype.kind in ("O", "S"):
+                vals = ds[r0:r1]
+                if vals.dtype.kind == "S":
+                    return vals
+                if all(type(v) is bytes for v in vals[:1]) and len(vals):
+                    try:
+                        return np.array(vals, dtype="S")
+                    except (TypeError, ValueError, UnicodeError):
+                        pass
+        names = self.obs_names_slice(r0, r1)
+        return np.array([nm.encode("utf-8") for nm in names], dtype="S") if len(names) else np.zeros(0, "S1")
+
     def obs_column(self, name: str) -> pd.Categorical | None:
         """An obs column as a pandas Categorical (categories as str), or None when the column does not exist."""
         col = self._column(self._obs_node, name)

@@ -216,7 +216,7 @@ def make_plan(opts: BuildOptions, log=print) -> Plan:
         "n_out_shards": math.ceil(n_total / opts.shard_size), "units": units, "prefix_source": prefix_source,
         "vocab": vocab, "gene_keys": store_keys, "gene_symbols": store_symbols, "cell_types": cell_types,
     }
-    atomic_write_json(tmp / "plan.json", meta)
+    atomic_write_json(tmp / "plan.json", meta, compact=True)
     final = plan_dir(opts.out)
     if final.exists():  # another array task finished the same deterministic plan first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)

@@ -143,7 +143,7 @@ def run_scatter_unit(store: str | Path, plan: Plan, unit: int) -> dict:
             if flags & (FLAG_NONFINITE | FLAG_NEGATIVE) or (flags & FLAG_NONINTEGER and not opts["allow_non_integer"]):
                 check_counts(m, path, src.matrix_name, r0, opts["allow_non_integer"])  # raises, naming the row
                 raise UserInputError(f"{src.matrix_name} holds invalid values (rows {r0}:{r1})", path=path)
-        names = src.obs_names_slice(r0, r1)
+        names = src.obs_names_bytes_slice(r0, r1)
     row_len, lib, flags, total_counts = scanned
     mode = "spill" if m is not None else "direct"
     n = r1 - r0
@@ -167,13 +167,15 @@ def run_scatter_unit(store: str | Path, plan: Plan, unit: int) -> dict:
     np.cumsum(cell_row_len, out=csum[1:])
     shard_nnz = csum[shard_ptr[1:]] - csum[shard_ptr[:-1]]
 
-    name_list = names[rows]
-    if not inp["names_unique"]:
-        name_list = np.array([f"{nm}-{r0 + r}" for nm, r in zip(name_list, rows)], dtype=object)
-    if meta["prefix_source"]:
-        src_name = source_names(meta)[i]
-        name_list = np.array([f"{src_name}:{nm}" for nm in name_list], dtype=object)
-    name_bytes = np.array([nm.encode("utf-8") for nm in name_list], dtype="S") if len(rows) else np.zeros(0, "S1")
+    name_bytes = names[rows] if len(rows) else np.zeros(0, "S1")
+    if len(rows) and (not inp["names_unique"] or meta["prefix_source"]):
+        name_list = [nm.decode("utf-8") for nm in name_bytes]
+        if not inp["names_unique"]:
+            name_list = [f"{nm}-{r0 + r}" for nm, r in zip(name_list, rows.tolist())]
+        if meta["prefix_source"]:
+            src_name = source_names(meta)[i]
+            name_list = [f"{src_name}:{nm}" for nm in name_list]
+        name_bytes = np.array([nm.encode("utf-8") for nm in name_list], dtype="S")
 
     cells = np.empty(len(rows), dtype=CELL_DTYPE)
     cells["dest"] = dest

@@ -93,13 +93,12 @@ def _start_csr(group: zarr.Group, path: Path, X: CsrArrays | sp.csr_matrix) -> l
 
     xg = group.create_group("X")
     xg.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(X.shape)})
-    pending = []
-    for name, arr in (("data", X.data), ("indices", X.indices.astype(np.int32, copy=False)),
-                      ("indptr", X.indptr.astype(np.int64, copy=False))):
-        out = ts.open(x_array_spec(path / "X" / name, arr.size, arr.dtype)).result()
-        if arr.size:
-            pending.append(out.write(arr))
-    return pending
+    arrays = [("data", X.data), ("indices", X.indices.astype(np.int32, copy=False)),
+              ("indptr", X.indptr.astype(np.int64, copy=False))]
+    # open all three before writing any: an open issued while a write keeps tensorstore's threads busy waits on it
+    opened = [ts.open(x_array_spec(path / "X" / name, arr.size, arr.dtype)) for name, arr in arrays]
+    outs = [fut.result() for fut in opened]
+    return [out.write(arr) for out, (_, arr) in zip(outs, arrays) if arr.size]
 
 
 class ShardWriter:
