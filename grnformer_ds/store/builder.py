@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import threading
@@ -92,6 +93,13 @@ def _gather_task(store: str, plan_id: str, k: int) -> int:
     return n
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 class _Pool:
     """Worker processes shared by the scatter and gather stages of one command (started on first use).
 
@@ -108,20 +116,26 @@ class _Pool:
         """Run fn(store, plan_id, item) for (item, weight) pairs; the bar advances by the item's weight in cells."""
         bar = progress_bar(total, desc, enabled)
         try:
-            if self.workers <= 1 or len(items) <= 1:
+            if len(items) <= 1 or (self.workers <= 1 and _cores() <= 1):
                 for item, weight in items:
                     fn(store, plan.id, item)
                     bar.update(weight)
                 return
+            if self.workers <= 1:
+                # one process, two items at a time in threads: the kernels (numba nogil), h5py/pread reads and
+                # tensorstore's encoding of one item overlap the Python parts of the other, on a second core
+                self._run_slots(fn, store, plan, items, bar, local=2, remote=0)
+                return
             if self._ex is None:
                 self._ex = ProcessPoolExecutor(max_workers=self.workers - 1, mp_context=mp.get_context("spawn"))
-            self._run_slots(fn, store, plan, items, bar)
+            self._run_slots(fn, store, plan, items, bar, local=1, remote=self.workers - 1)
         finally:
             bar.close()
 
-    def _run_slots(self, fn, store: str, plan: Plan, items: list[tuple[int, int]], bar) -> None:
-        """`workers` slots take items from one queue: this process (already started, modules loaded: a spawned
-        worker spends ~1.5 CPU-s importing before its first item) and workers - 1 pool processes. On the first
+    def _run_slots(self, fn, store: str, plan: Plan, items: list[tuple[int, int]], bar, local: int,
+                   remote: int) -> None:
+        """`local` threads of this process (already started, modules loaded: a spawned worker spends ~1.5 CPU-s
+        importing before its first item) and `remote` pool processes take items from one queue. On the first
         failure no new item starts; the running ones finish and the error is raised."""
         todo = list(reversed(items))
         lock = threading.Lock()
@@ -147,7 +161,7 @@ class _Pool:
                     bar.update(weight)
 
         threads = [threading.Thread(target=slot, args=(r,), daemon=True)
-                   for r in [False] + [True] * (self.workers - 1)]
+                   for r in [False] * local + [True] * remote]
         for t in threads:
             t.start()
         for t in threads:

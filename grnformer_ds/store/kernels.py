@@ -8,6 +8,8 @@ then walk the bitmap's words in order (O(k + G/64) per row of k entries, all in 
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -165,22 +167,22 @@ def _run_split(kernel, rows: np.ndarray, out_indptr: np.ndarray, args_before: tu
     # split at equal nnz
     cuts = np.searchsorted(out_indptr, np.linspace(0, nnz, n_thr + 1)[1:-1]).tolist()
     bounds = [0, *cuts, len(rows)]
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=n_thr, thread_name_prefix="store-kernel")
-    futs = [_POOL.submit(kernel, *args_before, rows[a:b], out_indptr[a:b + 1], *args_after)
+    futs = [_pool().submit(kernel, *args_before, rows[a:b], out_indptr[a:b + 1], *args_after)
             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     for f in futs:
         f.result()
 
 
+_POOL_LOCK = threading.Lock()
+
+
 def _pool():
     global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
+    with _POOL_LOCK:
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="store-kernel")
+            _POOL = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="store-kernel")
     return _POOL
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,14 @@ def _start_csr(group: zarr.Group, path: Path, X: CsrArrays | sp.csr_matrix) -> l
     # open all three before writing any: an open issued while a write keeps tensorstore's threads busy waits on it
     opened = [ts.open(x_array_spec(path / "X" / name, arr.size, arr.dtype)) for name, arr in arrays]
     outs = [fut.result() for fut in opened]
-    return [out.write(arr) for out, (_, arr) in zip(outs, arrays) if arr.size]
+    # can_reference_source_data_indefinitely: no copy of the arrays (ShardWriter keeps them alive until written)
+    return [out.write(arr, can_reference_source_data_indefinitely=True) for out, (_, arr) in zip(outs, arrays)
+            if arr.size]
+
+
+# anndata's settings.override and warnings.catch_warnings change process-wide state: shards written by two threads of
+# one process (builder.py) take turns in the parts that use them.
+_GLOBAL_STATE = threading.Lock()
 
 
 class ShardWriter:
@@ -113,7 +121,7 @@ class ShardWriter:
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.X = X  # keep the arrays alive until the writes are done
-        with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+        with _GLOBAL_STATE, ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
             self.group = zarr.open_group(self.tmp, mode="w", zarr_format=3)
             self.pending = _start_csr(self.group, self.tmp, X)
 
@@ -125,7 +133,8 @@ class ShardWriter:
     def finish(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
         try:
             # auto_shard_zarr_v3=False: obs/var are small; X has explicit shards.
-            with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+            with _GLOBAL_STATE, warnings.catch_warnings(), \
+                    ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
                 # anndata silences this one in its own AnnData writer; writing elements one by one does not
                 warnings.filterwarnings("ignore", message=".*autosharding will be the default.*")
                 # Element by element, as anndata's writer does for an AnnData with X=None (writing the AnnData at
@@ -136,7 +145,7 @@ class ShardWriter:
                 self.group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         finally:
             self.wait()
-        with warnings.catch_warnings():  # "not part of the v3 spec" (see store/__init__.py)
+        with _GLOBAL_STATE, warnings.catch_warnings():  # "not part of the v3 spec" (see store/__init__.py)
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(str(self.tmp))  # one metadata read instead of one per array on open
         replace_dir(self.tmp, self.final_path)
