@@ -98,9 +98,29 @@ class DirectSource:
 
 
 def direct_source(src) -> DirectSource | None:
-    """A DirectSource for an open `H5adSource` whose CSR data/indices can be pread, else None."""
+    """A DirectSource for an open `H5adSource` whose CSR data/indices can be pread, else None (cached per file
+    version and matrix: listing a large chunked dataset's chunks costs ~1 ms per 100 chunks)."""
     if not AVAILABLE or src.format != "csr":
         return None
+    st = os.stat(src.path)
+    return _direct_source(src, (os.path.realpath(src.path), st.st_size, st.st_mtime_ns, st.st_ino, src._data.name,
+                                src._indices.name))
+
+
+_DS_CACHE: dict = {}
+
+
+def _direct_source(src, key) -> DirectSource | None:
+    if key in _DS_CACHE:
+        return _DS_CACHE[key]
+    ds = _direct_source_uncached(src)
+    if len(_DS_CACHE) > 256:
+        _DS_CACHE.clear()
+    _DS_CACHE[key] = ds
+    return ds
+
+
+def _direct_source_uncached(src) -> DirectSource | None:
     try:
         if src._f.userblock_size:
             return None
