@@ -7,6 +7,7 @@ and shard is idempotent and recorded only after an atomic rename, so rerunning a
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing as mp
 import os
 import shutil
@@ -81,13 +82,23 @@ def _cached_plan(store: str, plan_id: str) -> Plan:
     return plan
 
 
+@functools.lru_cache(maxsize=1)
+def _freeze_imports() -> None:
+    """In a pool worker: move the objects of the imported modules (anndata, pandas, zarr, dask: ~10^6) out of the
+    cyclic GC's reach, so its collections during a task only visit the task's objects (perf: ~3% of a build)."""
+    if mp.parent_process() is not None:
+        gc.freeze()
+
+
 def _scatter_task(store: str, plan_id: str, unit: int) -> int:
+    _freeze_imports()
     st = run_scatter_unit(store, _cached_plan(store, plan_id), unit)
     trim_heap()
     return st["n_rows"]
 
 
 def _gather_task(store: str, plan_id: str, k: int) -> int:
+    _freeze_imports()
     n = run_gather_shard(store, _cached_plan(store, plan_id), k)["n_cells"]
     trim_heap()
     return n

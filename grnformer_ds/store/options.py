@@ -8,7 +8,9 @@ from pathlib import Path
 from ..errors import UserInputError
 
 DEFAULT_SHARD_SIZE = 50_000        # cells per output shard
-DEFAULT_BLOCK_NNZ = 4_000_000      # stored entries per scatter unit (≈ 50 MB of float64 + int32 in flight)
+DEFAULT_BLOCK_NNZ = 16_000_000     # stored entries per scatter unit (≈ 200 MB of float64 + int32 in flight when a
+                                   # unit is read with h5py; direct reads use 256 KiB windows); fewer units = fewer
+                                   # files for every gather task to open
 DEFAULT_BLOCK_CELLS = 65_536       # and at most this many cells per scatter unit
 
 

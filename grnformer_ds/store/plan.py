@@ -142,9 +142,13 @@ def make_plan(opts: BuildOptions, log=print) -> Plan:
                 ct = src.obs_column(opts.cell_type_key)
                 if ct is None:
                     raise UserInputError(f"obs has no column {opts.cell_type_key!r} (--cell-type-key)", path=path)
-            names = src.obs_names()
-            names_unique = pd.Index(names).is_unique
-            name_hashes.append(pd.util.hash_array(np.asarray(names, dtype=object)))
+            names = src.obs_names_bytes_slice(0, src.n_obs)  # UTF-8 bytes: equal names <=> equal bytes
+            if len(names) != src.n_obs:
+                raise UserInputError(f"obs has {len(names)} cells but {src.matrix_name} has {src.n_obs} rows",
+                                     path=path)
+            hashes = _name_hashes(names)
+            names_unique = _all_distinct(hashes, [names])
+            name_hashes.append((hashes, names))
             units = _split_units(src, opts)
             inputs.append({
                 **input_fingerprint(path), "name": Path(path).name, "given_path": path, "n_obs": src.n_obs,
@@ -159,8 +163,8 @@ def make_plan(opts: BuildOptions, log=print) -> Plan:
         raise UserInputError("the inputs hold no cells", path=opts.inputs[0])
 
     # Globally unique cell names: prefix the source file name only when names clash across inputs.
-    all_hashes = np.concatenate(name_hashes)
-    prefix_source = bool(len(np.unique(all_hashes)) != len(all_hashes))
+    prefix_source = not _all_distinct(np.concatenate([h for h, _ in name_hashes]), [n for _, n in name_hashes])
+    del name_hashes
 
     # Vocabulary and the store's gene columns.
     if opts.gene_vocab:
@@ -231,6 +235,35 @@ def make_plan(opts: BuildOptions, log=print) -> Plan:
     log(f"plan: {n_total} cells in {len(inputs)} input(s), {len(store_keys)} genes, "
         f"{meta['n_out_shards']} output shard(s), {len(units)} scatter unit(s)")
     return load_plan(opts.out)
+
+
+def _name_hashes(names: np.ndarray) -> np.ndarray:
+    """(n,) uint64 hash of each fixed-width bytes name (vectorized FNV-1a over its non-NUL bytes)."""
+    n = len(names)
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    if n == 0 or names.dtype.itemsize == 0:
+        return h
+    cols = np.ascontiguousarray(names).view(np.uint8).reshape(n, names.dtype.itemsize)
+    prime = np.uint64(0x100000001B3)
+    for j in range(cols.shape[1]):
+        c = cols[:, j]
+        # NUL bytes are padding (an "S" array of another width holds the same name): they do not change the hash
+        h = np.where(c != 0, (h ^ c) * prime, h)
+    return h
+
+
+def _all_distinct(hashes: np.ndarray, names: list[np.ndarray]) -> bool:
+    """True when no two names are equal: a sort of the hashes, and an exact check only when two hashes collide."""
+    s = np.sort(hashes)
+    if not bool((s[1:] == s[:-1]).any()):
+        return True
+    seen: set[bytes] = set()
+    for arr in names:
+        for nm in arr.tolist():
+            if nm in seen:
+                return False
+            seen.add(nm)
+    return True
 
 
 def _split_units(src: H5adSource, opts: BuildOptions) -> list[tuple[int, int]]:
