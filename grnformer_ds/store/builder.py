@@ -90,6 +90,11 @@ def _freeze_imports() -> None:
         gc.freeze()
 
 
+def _warm_worker() -> None:
+    """First task of a pool process: unpickling it imported this module (and anndata, zarr, numba...)."""
+    _freeze_imports()
+
+
 def _scatter_task(store: str, plan_id: str, unit: int) -> int:
     _freeze_imports()
     st = run_scatter_unit(store, _cached_plan(store, plan_id), unit)
@@ -121,6 +126,13 @@ class _Pool:
     def __init__(self, workers: int):
         self.workers = workers
         self._ex: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the pool processes now (workers > 1), each importing the build modules in the background."""
+        if self.workers > 1 and self._ex is None:
+            self._ex = ProcessPoolExecutor(max_workers=self.workers - 1, mp_context=mp.get_context("spawn"))
+            for _ in range(self.workers - 1):
+                self._ex.submit(_warm_worker)
 
     def run(self, fn, store: str, plan: Plan, items: list[tuple[int, int]], desc: str, total: int,
             enabled: bool) -> None:
@@ -220,12 +232,14 @@ def run_stage(opts: BuildOptions, stage: str = "all", num_tasks: int = 1, task_i
         if manifest_path(opts.out).exists() and load_plan(opts.out) is None:
             return read_manifest(opts.out)  # already finalized (a rerun of the last array job)
         return finalize_store(opts.out, verify_data=verify_data, log=_log(opts))
-    # Only a whole-build command (not one task of an array) may delete an old store or an old plan.
-    plan = _plan(opts, may_delete=stage in ("all", "plan") and num_tasks == 1)
-    if stage == "plan":
-        return None
     pool = _Pool(opts.workers)
+    if stage != "plan":
+        pool.start()  # spawned workers import their modules while this process makes or loads the plan
     try:
+        # Only a whole-build command (not one task of an array) may delete an old store or an old plan.
+        plan = _plan(opts, may_delete=stage in ("all", "plan") and num_tasks == 1)
+        if stage == "plan":
+            return None
         if stage in ("all", "scatter"):
             _scatter(opts, plan, _mine(len(plan.units), num_tasks, task_index), pool)
         if stage == "all" and num_tasks > 1:
