@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import UserInputError
 from .finalize import check_mapping, finalize_store, mapping_report
+from .kernels import set_default_threads
 from .gather import missing_units, run_gather_shard, shard_done, shard_layout
 from .manifest import read_manifest
 from .memory import trim_heap
@@ -128,9 +129,15 @@ class _Pool:
         self._ex: ProcessPoolExecutor | None = None
 
     def start(self) -> None:
-        """Start the pool processes now (workers > 1), each importing the build modules in the background."""
+        """Start the pool processes now (workers > 1), each importing the build modules in the background.
+
+        With several processes, each splits its kernel calls over cores // workers threads (1 on 2 cores): more
+        threads than cores only added switching (measured: ~8% more CPU time with 2 workers × 2 threads)."""
         if self.workers > 1 and self._ex is None:
-            self._ex = ProcessPoolExecutor(max_workers=self.workers - 1, mp_context=mp.get_context("spawn"))
+            threads = max(1, _cores() // self.workers)
+            set_default_threads(threads)
+            self._ex = ProcessPoolExecutor(max_workers=self.workers - 1, mp_context=mp.get_context("spawn"),
+                                           initializer=set_default_threads, initargs=(threads,))
             for _ in range(self.workers - 1):
                 self._ex.submit(_warm_worker)
 
@@ -149,8 +156,7 @@ class _Pool:
                 # tensorstore's encoding of one item overlap the Python parts of the other, on a second core
                 self._run_slots(fn, store, plan, items, bar, local=2, remote=0)
                 return
-            if self._ex is None:
-                self._ex = ProcessPoolExecutor(max_workers=self.workers - 1, mp_context=mp.get_context("spawn"))
+            self.start()
             self._run_slots(fn, store, plan, items, bar, local=1, remote=self.workers - 1)
         finally:
             bar.close()
@@ -194,6 +200,7 @@ class _Pool:
 
     def close(self) -> None:
         if self._ex is not None:
+            set_default_threads(None)
             self._ex.shutdown(wait=True, cancel_futures=True)
             self._ex = None
 

@@ -139,12 +139,23 @@ _POOL = None
 _MIN_SPLIT_NNZ = 1 << 22  # split a kernel call across threads only above this many entries
 
 
+_DEFAULT_THREADS: int | None = None  # set by the builder for pool processes (set_default_threads)
+
+
+def set_default_threads(n: int | None) -> None:
+    """Threads per kernel call in this process (None: up to 2, one per core); GRNFORMER_KERNEL_THREADS wins."""
+    global _DEFAULT_THREADS
+    _DEFAULT_THREADS = None if n is None else max(1, int(n))
+
+
 def _threads() -> int:
     import os
 
     n = os.environ.get("GRNFORMER_KERNEL_THREADS")
     if n is not None:
         return max(1, int(n))
+    if _DEFAULT_THREADS is not None:
+        return _DEFAULT_THREADS
     try:
         return max(1, min(2, len(os.sched_getaffinity(0))))
     except AttributeError:  # pragma: no cover - not Linux
