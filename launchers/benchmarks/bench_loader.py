@@ -4,6 +4,8 @@ All loaders read the same cells (one synthetic count matrix, written once as .h5
 built from it). Peers:
 
 * **SCDL**: ``DataLoader(SingleCellMemMapDataset, shuffle=True, collate_fn=collate_sparse_matrix_batch)``;
+* **tiledbsoma-ml**: ``ExperimentDataset`` over a TileDB-SOMA experiment of the same cells (its defaults: 65,536-cell
+  I/O batches shuffled in 64-cell chunks, sparse X);
 * **AnnData backed, batched**: ``read_h5ad(backed="r")``, each batch = ``X[sorted random rows]`` in one call (the
   scvi-tools AnnDataLoader pattern, the fastest use of backed mode);
 * **AnnData backed, per cell**: a map-style Dataset whose ``__getitem__`` reads ``X[i]``, batched by a shuffling
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,13 +107,16 @@ def make_grn(store: Path, n_regulons: int, seed: int) -> None:
         write_shard_regulon_activity(path, active.astype(np.float32), active, a.regulon_names)
 
 
-def prepare(workdir: Path, args) -> tuple[Path, Path, Path]:
+def prepare(workdir: Path, args) -> tuple[Path, Path, Path, Path]:
+    """(h5ad, our store, SCDL memmap, SOMA experiment) of the same cells, built once per parameter set."""
     workdir.mkdir(parents=True, exist_ok=True)
-    h5ad, store, scdl = workdir / "cells.h5ad", workdir / "store", workdir / "scdl"
+    h5ad, store, scdl, soma = workdir / "cells.h5ad", workdir / "store", workdir / "scdl", workdir / "soma"
     tag = workdir / "params.json"
     params = {k: getattr(args, k) for k in ("n_cells", "n_genes", "genes_per_cell", "n_regulons", "seed")}
     if tag.exists() and json.loads(tag.read_text()) == params and (store / "grn").exists() and scdl.exists():
-        return h5ad, store, scdl
+        if not soma.exists():
+            _make_soma(h5ad, soma)
+        return h5ad, store, scdl, soma
     t = time.perf_counter()
     make_h5ad(h5ad, args.n_cells, args.n_genes, args.genes_per_cell, args.seed)
     print(f"h5ad written in {time.perf_counter() - t:.1f}s", file=sys.stderr)
@@ -123,13 +129,22 @@ def prepare(workdir: Path, args) -> tuple[Path, Path, Path]:
     from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
 
     t = time.perf_counter()
-    import shutil
-
     shutil.rmtree(scdl, ignore_errors=True)  # SCDL refuses to overwrite a memmap of an earlier, other input
     SingleCellMemMapDataset(str(scdl), h5ad_path=str(h5ad), use_X_not_raw=True)
     print(f"SCDL memmap built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    shutil.rmtree(soma, ignore_errors=True)
+    _make_soma(h5ad, soma)
     tag.write_text(json.dumps(params))
-    return h5ad, store, scdl
+    return h5ad, store, scdl, soma
+
+
+def _make_soma(h5ad: Path, soma: Path) -> None:
+    """The cells as a TileDB-SOMA experiment (measurement "RNA", X layer "data"), for tiledbsoma-ml."""
+    import tiledbsoma.io
+
+    t = time.perf_counter()
+    tiledbsoma.io.from_h5ad(str(soma), str(h5ad), measurement_name="RNA")
+    print(f"SOMA experiment built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- baselines
@@ -254,6 +269,27 @@ class _ScdlCollate:
         return self.post(idx, csr.crow_indices().numpy(), csr.col_indices().numpy(), csr.values().numpy())
 
 
+class _Soma(torch.utils.data.IterableDataset):
+    """tiledbsoma-ml's ``ExperimentDataset`` (its defaults: shuffle in 64-cell chunks inside 65,536-cell I/O batches;
+    sparse X) opened in each worker, its batches passed through the peer post-processing. soma_joinid = h5ad row."""
+
+    def __init__(self, uri: Path, batch_size: int, seed: int, post: _Post):
+        self.uri, self.batch_size, self.seed, self.post = str(uri), batch_size, seed, post
+
+    def __iter__(self):
+        import tiledbsoma
+        from tiledbsoma_ml import ExperimentDataset
+
+        with tiledbsoma.Experiment.open(self.uri) as exp, exp.axis_query(measurement_name="RNA") as query:
+            ds = ExperimentDataset(query, layer_name="data", batch_size=self.batch_size, shuffle=True,
+                                   seed=self.seed, return_sparse_X=True)
+            for x, obs in ds:
+                if self.post.kind == "raw":
+                    yield x
+                else:
+                    yield self.post(obs["soma_joinid"].to_numpy(), x.indptr, x.indices, x.data)
+
+
 class _AnnDataBatched(torch.utils.data.IterableDataset):
     """AnnData backed mode, batched random access: each batch reads X[sorted random rows] from the .h5ad in one call
     (the access pattern of scvi-tools' AnnDataLoader; the fastest way to use backed mode)."""
@@ -334,7 +370,7 @@ MODES = {
     "tokenized+graphs": ({"edge_perturbation": 0.2}, "scgpt+graphs"),
     "tokenized+graphs, same collator": ({"edge_perturbation": 0.2}, "ours+graphs"),
 }
-LOADERS = ("grnformer_ds", "scdl", "anndata_batched", "anndata_per_cell")
+LOADERS = ("grnformer_ds", "scdl", "tiledbsoma_ml", "anndata_batched", "anndata_per_cell")
 
 
 def run(args) -> list[dict]:
@@ -344,7 +380,7 @@ def run(args) -> list[dict]:
 
     from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset
 
-    h5ad, store, scdl = prepare(Path(args.workdir), args)
+    h5ad, store, scdl, soma = prepare(Path(args.workdir), args)
     B = args.batch_size
     results = []
     for nw in args.workers:
@@ -356,7 +392,7 @@ def run(args) -> list[dict]:
             def ours(seed):
                 if ours_opts is None:
                     ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0)
-                    raw = _RawOurs(ds, args.raw_batches + 2 + nw)
+                    raw = _RawOurs(ds, args.n_cells // B)
                     return raw if nw == 0 else DataLoader(raw, batch_size=None, num_workers=nw, **mp)
                 ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0, **ours_opts)
                 return StatefulCellLoader(ds, num_workers=nw)
@@ -375,14 +411,22 @@ def run(args) -> list[dict]:
                 return DataLoader(_AnnDataPerCell(h5ad), batch_size=B, shuffle=True, num_workers=nw,
                                   collate_fn=_AnnDataPerCellCollate(post), **mp)
 
-            makers = {"grnformer_ds": ours, "scdl": scdl_loader, "anndata_batched": anndata_batched,
-                      "anndata_per_cell": anndata_per_cell}
-            n_batches = args.raw_batches if mode == "raw" else args.batches
+            def soma_loader(seed):
+                return DataLoader(_Soma(soma, B, seed, post), batch_size=None, num_workers=nw, **mp)
+
+            makers = {"grnformer_ds": ours, "scdl": scdl_loader, "tiledbsoma_ml": soma_loader,
+                      "anndata_batched": anndata_batched, "anndata_per_cell": anndata_per_cell}
+            # raw: one whole epoch from the first batch (all block / I/O-batch reads and worker start-up included:
+            # the buffering loaders front-load their reads); tokenized: a steady-state window after 2 batches
+            n_batches = args.n_cells // B if mode == "raw" else args.batches
+            warmup = 0 if mode == "raw" else 2
             rounds = {name: [] for name in LOADERS}
+            for name in LOADERS:  # untimed: one-time process costs (imports, numba cache loads, file handles)
+                _time(lambda: makers[name](99), 3, B, warmup=0)
             for r in range(args.rounds):
                 for name in LOADERS:
                     n = args.anndata_batches if name.startswith("anndata") else n_batches
-                    rounds[name].append(_time(lambda: makers[name](r), n, B))
+                    rounds[name].append(_time(lambda: makers[name](r), n, B, warmup=warmup))
             row = {"workers": nw, "mode": mode}
             for name, got in rounds.items():
                 row[name] = float(np.median([g[0] for g in got]))
@@ -418,15 +462,16 @@ def report(results: list[dict], args) -> str:
         f"{torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}.",
         f"Data: {args.n_cells} synthetic cells x {args.n_genes} genes, ~{args.genes_per_cell} nonzero genes per cell, "
         f"{args.n_regulons} regulons (30 % active per cell), 10 cell-type GRNs of 5,000 edges, co-expression graph "
-        f"with 20 neighbours per gene; batch size {args.batch_size}; max_seq_len 1200; {args.raw_batches} (raw) / "
-        f"{args.batches} (tokenized) timed batches ({args.anndata_batches} for AnnData) after 2 warm-up batches, "
-        f"median of {args.rounds} interleaved rounds.",
+        f"with 20 neighbours per gene; batch size {args.batch_size}; max_seq_len 1200. Raw: one whole epoch "
+        f"({args.n_cells // args.batch_size} batches) timed from the first batch; tokenized: {args.batches} batches "
+        f"after 2 warm-up batches; AnnData: {args.anndata_batches} batches. Median of {args.rounds} interleaved "
+        "rounds.",
         "Wall-clock cells/s; with 0 workers also cells per CPU-second of the loading process (= one core's rate, "
         "independent of the machine's load).",
         "",
-        "| workers | batch | grnformer_ds | SCDL | AnnData backed, batched | AnnData backed, per cell | x SCDL | "
-        "x AnnData batched | x AnnData per cell |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workers | batch | grnformer_ds | SCDL | tiledbsoma-ml | AnnData backed, batched | AnnData backed, per cell "
+        "| x SCDL | x tiledbsoma-ml | x AnnData batched | x AnnData per cell |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         def cell(k):
@@ -450,8 +495,6 @@ def main(argv=None) -> int:
     p.add_argument("--n-regulons", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=60, help="timed batches, tokenized mode")
-    p.add_argument("--raw-batches", type=int, default=200, help="timed batches, raw mode (long enough to span "
-                   "several shuffle buffers: the first batches of a buffer read all of its blocks)")
     p.add_argument("--anndata-batches", type=int, default=10)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
@@ -459,15 +502,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args(argv)
-    for name in ("n_cells", "n_genes", "genes_per_cell", "n_regulons", "batch_size", "batches", "raw_batches",
+    for name in ("n_cells", "n_genes", "genes_per_cell", "n_regulons", "batch_size", "batches",
                  "anndata_batches", "rounds"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.genes_per_cell * 3 // 2 > args.n_genes or args.n_regulons > args.n_genes:
         raise UserInputError("--genes-per-cell x 1.5 and --n-regulons must not exceed --n-genes")
-    if args.n_cells < args.batch_size * (args.raw_batches + 4):
-        raise UserInputError(f"--n-cells must hold at least (--raw-batches + 4) batches: "
-                             f"{args.batch_size * (args.raw_batches + 4)} cells")
+    if args.n_cells < args.batch_size * (args.batches + 4):
+        raise UserInputError(f"--n-cells must hold at least (--batches + 4) batches: "
+                             f"{args.batch_size * (args.batches + 4)} cells")
     if any(w < 0 for w in args.workers):
         raise UserInputError("--workers must be >= 0")
     results = run(args)
