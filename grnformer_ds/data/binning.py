@@ -10,6 +10,10 @@ We re-implement it on the nonzero values of a CSR row instead of calling scGPT b
 rows, logs a warning per all-zero row and draws from the global ``np.random`` state; here the uniforms come from the
 caller's generator so batches are reproducible from (seed, epoch, batch index). ``tests/test_data_tokenization.py``
 checks bin-for-bin equality with scGPT 0.2.4 when both get the same uniforms.
+
+Per cell: `normalize_log1p`, `quantile_edges`, `bin_nonzero` (plain numpy, the references). Per batch (the collators):
+`normalize_log1p_batch` and `bin_batch`, numba kernels in ``binning_kernels.py``, bit for bit the per-cell results;
+`bin_batch_numpy` is the vectorised numpy version the kernels are also tested against.
 """
 from __future__ import annotations
 
@@ -108,7 +112,7 @@ def normalize_log1p_batch(indptr: np.ndarray, counts: np.ndarray,
                           target_sum: float = DEFAULT_TARGET_SUM) -> tuple[np.ndarray, float]:
     """`normalize_log1p` of every row of a CSR batch, bit for bit the per-row results.
 
-    indptr: (B+1,) int64; counts: (nnz,) float32. Returns ((nnz,) float32 values, largest count or inf when the
+    indptr: (B+1,) int64 starting at 0; counts: (nnz,) float32. Returns ((nnz,) float32 values, largest count or inf when the
     counts are not all positive integers). Raw counts take one kernel pass (exact row sums, see `row_scales`) and one
     batch-wide ``np.log1p`` (numpy's, the reference); other data the per-row numpy path.
     """
@@ -128,12 +132,16 @@ def bin_batch(indptr: np.ndarray, counts: np.ndarray, n_bins: int, uniforms: np.
               target_sum: float = DEFAULT_TARGET_SUM, edges_out: np.ndarray | None = None) -> np.ndarray:
     """`normalize_log1p` + `bin_nonzero` of every row of a CSR batch at once, bit for bit the per-row results.
 
-    indptr: (B+1,) int64; counts: (nnz,) float32 nonzero raw counts; uniforms: (nnz,) as the per-row calls would get
+    indptr: (B+1,) int64 starting at 0; counts: (nnz,) float32 nonzero raw counts; uniforms: (nnz,) as the per-row calls would get
     them (row after row). edges_out: optional (B, n_bins - 1) float64 that receives each row's quantile edges
     (tests). Normalisation in `normalize_log1p_batch`, binning in the `binning_kernels.bin_rows` kernel (per-count
     tie path for raw counts). Returns (nnz,) int64 bins.
     """
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    # the kernels index without bounds checks
+    if indptr[0] != 0 or len(counts) != indptr[-1] or len(uniforms) != len(counts):
+        raise ValueError(f"bin_batch: indptr [{indptr[0]}, {indptr[-1]}], {len(counts)} counts, "
+                         f"{len(uniforms)} uniforms")
     values, largest = normalize_log1p_batch(indptr, counts, target_sum)
     out = np.zeros(len(values), dtype=np.int64)
     q = np.linspace(0, 1, n_bins - 1)

@@ -30,6 +30,10 @@ def draw_partition(indptr: np.ndarray, n_mask: np.ndarray, n_drop: np.ndarray,
     """
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     n_draws = np.asarray(n_mask, dtype=np.int64) + np.asarray(n_drop, dtype=np.int64)
+    # the kernel indexes without bounds checks
+    if indptr[0] != 0 or not ((n_draws <= np.diff(indptr)).all() and (np.asarray(n_mask) >= 0).all()
+                              and (np.asarray(n_drop) >= 0).all()):
+        raise ValueError("draw_partition: need indptr[0] == 0 and 0 <= n_mask, n_drop with n_mask + n_drop <= n")
     draw_ptr = np.zeros(len(n_draws) + 1, dtype=np.int64)
     np.cumsum(n_draws, out=draw_ptr[1:])
     uniforms = rng.random(int(draw_ptr[-1]))
