@@ -1,4 +1,6 @@
-"""Edge perturbation of the cell-specific GRNs of a batch (GRNFormer, training only).
+"""Reference (plain numpy) edge perturbation of a batch's cell-specific GRNs (GRNFormer, training only): the same
+rules as ``perturb.py`` (numba, per cell) with another random-draw scheme; kept as a readable specification and
+checked by the same property tests.
 
 In every cell a fraction ``alpha`` (paper default 0.2) of its GRN edges is replaced by co-expression links between
 genes that are tokens of that cell (hence expressed in it), drawn from the store's gene co-expression graph
