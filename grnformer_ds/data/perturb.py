@@ -13,13 +13,14 @@ not depend on the other cells of the batch.
 
 Sampling. Enumerating every candidate costs (tokens x co-expression degree) per cell (~20,000 entries at 1,000 tokens
 x 20 neighbours), far more than the ~alpha * E links needed, so candidates are drawn by rejection: a uniformly random
-entry of the co-expression rows of the cell's tokens is a uniformly random
-(u, v) link; it is accepted when v is a token, v != u and the link is not yet in the cell's hash set of edges (existing
-+ accepted). Proposals are made in blocks (their memory loads overlap) and the token of an entry is found with a guide
-table over the cumulative degrees (O(1)). The accepted proposals are a uniform subset of the candidates. When the rejection budget (1/16 of the
+entry of the co-expression rows of the cell's tokens is a uniformly random (u, v) link; it is accepted when v is a
+token, v != u and the link is not yet in the cell's hash set of edges (existing + accepted). Proposals are made in
+blocks (their memory loads overlap) and the token of an entry is found in O(1) with a guide table over the cumulative
+degrees. The accepted proposals are a uniform subset of the candidates. When the rejection budget (1/16 of the
 entries: beyond it enumerating is cheaper) runs out before k links, the remaining candidates are enumerated and a
 uniform subset of the missing size is drawn (partial Fisher-Yates); a uniform subset completed by a uniform subset of
 the rest is uniform, and the enumeration gives the exact candidate count when there are fewer than round(alpha * E).
+Finally k uniformly random edge positions (partial Fisher-Yates) receive the added links.
 
 Cell-type and union kernels live in ``graph_kernels.py``; the perturbation runs as its own pass over their output
 (`perturb_cells`) rather than being called from them: numba's on-disk cache does not notice when a jitted function of
