@@ -33,7 +33,7 @@ EXTRAS = {
         "setuptools<81",  # ctxcore imports pkg_resources
         "pyscenic>=0.12",  # AUCell reference (rankings)
     ],
-    "bench": ["bionemo-scdl>=0.1", "psutil>=5.9"],
+    "bench": ["bionemo-scdl>=0.1", "psutil>=5.9", "tiledbsoma-ml>=0.1"],
     "flash": ["flash-attn>=2.6"],
     "grnboost": ["arboreto>=0.1.6", "dask", "distributed"],
 }

@@ -50,19 +50,11 @@ def _load_scgpt():
 
 
 class _LegacyRng:
-    """np.random.Generator look-alike drawing from the global np.random stream, as scGPT does."""
+    """np.random.Generator look-alike drawing from the global np.random stream, as scGPT does. The collator draws
+    all binning uniforms first (as scGPT's per-row draws), then its subset / mask uniforms, all via ``random``."""
 
     def random(self, n):
         return np.random.rand(n)
-
-    def __init__(self, subset_seed=None):
-        # subsetting draws from its own stream so that binning uniforms stay aligned with scGPT's per-row draws
-        self._subset = np.random.default_rng(subset_seed) if subset_seed is not None else None
-
-    def choice(self, n, size, replace):
-        if self._subset is not None:
-            return self._subset.choice(n, size, replace=replace)
-        return np.random.choice(n, size, replace=replace)
 
 
 def _counts(n_cells=40, n_genes=120, seed=0):
@@ -155,9 +147,9 @@ def test_long_cells_keep_a_random_subset_with_their_own_bins():
 
     collate = ScGPTCollator(gene_token_ids, pad_id=PAD, cls_id=CLS, max_seq_len=33, mask_ratio=0.0)
     rows = _rows(x)
-    # reproduce scGPT's uniform draws for binning, then subset with our generator
+    # reproduce scGPT's uniform draws for binning (drawn first), the subset comes from later draws
     np.random.seed(7)
-    batch, slot = collate(rows, _LegacyRng(subset_seed=0))
+    batch, slot = collate(rows, _LegacyRng())
     assert batch["input_ids"].shape == (8, 33)
     for b in range(8):
         cols = slot[b, 1:]

@@ -1,7 +1,8 @@
 """Streaming layer: store -> tokenized, masked batches with per-cell multi-scale graphs (DESIGN.md sections 1-3)."""
 from .cells import CellRows
 from .dataset import StatefulCellLoader, StreamingCellDataset, split_range
-from .graphs import GraphBuilder, slot_table
+from .graphs import GraphBuilder
+from .graphs_reference import slot_table
 from .perturb import perturb_edges
 from .readers import StoreReader
 from .sampler import EpochPlan, batch_rng

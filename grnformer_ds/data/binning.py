@@ -10,10 +10,16 @@ We re-implement it on the nonzero values of a CSR row instead of calling scGPT b
 rows, logs a warning per all-zero row and draws from the global ``np.random`` state; here the uniforms come from the
 caller's generator so batches are reproducible from (seed, epoch, batch index). ``tests/test_data_tokenization.py``
 checks bin-for-bin equality with scGPT 0.2.4 when both get the same uniforms.
+
+Per cell: `normalize_log1p`, `quantile_edges`, `bin_nonzero` (plain numpy, the references). Per batch (the collators):
+`normalize_log1p_batch` and `bin_batch`, numba kernels in ``binning_kernels.py``, bit for bit the per-cell results;
+`bin_batch_numpy` is the vectorised numpy version the kernels are also tested against.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .binning_kernels import TIE_TABLE_SIZE, bin_rows, row_scales
 
 DEFAULT_TARGET_SUM = 1e4
 
@@ -92,14 +98,66 @@ def _segment_sums_exact(data: np.ndarray, indptr: np.ndarray) -> np.ndarray | No
     return sums.astype(np.float32)
 
 
+def row_totals(indptr: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``float(counts[a:b].sum())`` of every CSR row (numpy's float32 sum), as (B,) float64: vectorised when exact
+    (raw counts, `_segment_sums_exact`), else per row."""
+    sums = _segment_sums_exact(counts, indptr)
+    if sums is not None:
+        return sums.astype(np.float64)
+    return np.array([float(counts[a:b].sum()) for a, b in zip(indptr[:-1].tolist(), indptr[1:].tolist())],
+                    dtype=np.float64)
+
+
+def normalize_log1p_batch(indptr: np.ndarray, counts: np.ndarray,
+                          target_sum: float = DEFAULT_TARGET_SUM) -> tuple[np.ndarray, float]:
+    """`normalize_log1p` of every row of a CSR batch, bit for bit the per-row results.
+
+    indptr: (B+1,) int64 starting at 0; counts: (nnz,) float32. Returns ((nnz,) float32 values, largest count or inf when the
+    counts are not all positive integers). Raw counts take one kernel pass (exact row sums, see `row_scales`) and one
+    batch-wide ``np.log1p`` (numpy's, the reference); other data the per-row numpy path.
+    """
+    counts = np.ascontiguousarray(counts, dtype=np.float32)
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    values = np.empty(len(counts), dtype=np.float32)
+    ok, largest = row_scales(indptr, counts, float(target_sum), values)
+    if not ok:
+        return np.concatenate([np.zeros(0, np.float32)] + [
+            normalize_log1p(counts[a:b], target_sum=target_sum)
+            for a, b in zip(indptr[:-1].tolist(), indptr[1:].tolist())]), float("inf")
+    np.log1p(values, out=values)
+    return values, float(largest)
+
+
 def bin_batch(indptr: np.ndarray, counts: np.ndarray, n_bins: int, uniforms: np.ndarray,
-              target_sum: float = DEFAULT_TARGET_SUM) -> np.ndarray:
+              target_sum: float = DEFAULT_TARGET_SUM, edges_out: np.ndarray | None = None) -> np.ndarray:
     """`normalize_log1p` + `bin_nonzero` of every row of a CSR batch at once, bit for bit the per-row results.
 
-    indptr: (B+1,) int64; counts: (nnz,) float32 nonzero raw counts; uniforms: (nnz,) as the per-row calls would get
-    them (row after row). Normalisation, log1p, `quantile_edges` and the tie-breaking are vectorised over the batch;
-    only the per-row sort and the two ``searchsorted`` per row (C calls on cache-resident rows, cheaper than any
-    batch-wide formulation measured) stay in a loop. Returns (nnz,) int64 bins.
+    indptr: (B+1,) int64 starting at 0; counts: (nnz,) float32 nonzero raw counts; uniforms: (nnz,) as the per-row calls would get
+    them (row after row). edges_out: optional (B, n_bins - 1) float64 that receives each row's quantile edges
+    (tests). Normalisation in `normalize_log1p_batch`, binning in the `binning_kernels.bin_rows` kernel (per-count
+    tie path for raw counts). Returns (nnz,) int64 bins.
+    """
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    # the kernels index without bounds checks
+    if indptr[0] != 0 or len(counts) != indptr[-1] or len(uniforms) != len(counts):
+        raise ValueError(f"bin_batch: indptr [{indptr[0]}, {indptr[-1]}], {len(counts)} counts, "
+                         f"{len(uniforms)} uniforms")
+    values, largest = normalize_log1p_batch(indptr, counts, target_sum)
+    out = np.zeros(len(values), dtype=np.int64)
+    q = np.linspace(0, 1, n_bins - 1)
+    if edges_out is None:
+        edges_out = np.zeros((0, n_bins - 1), dtype=np.float64)
+    bin_rows(indptr, values, np.ascontiguousarray(counts, dtype=np.float32),
+             np.ascontiguousarray(uniforms, dtype=np.float64), q, largest < TIE_TABLE_SIZE, out, edges_out)
+    return out
+
+
+def bin_batch_numpy(indptr: np.ndarray, counts: np.ndarray, n_bins: int, uniforms: np.ndarray,
+                    target_sum: float = DEFAULT_TARGET_SUM) -> np.ndarray:
+    """Plain-numpy `bin_batch` (the reference the kernel is tested against; the previous implementation).
+
+    Normalisation, log1p, `quantile_edges` and the tie-breaking are vectorised over the batch; the per-row sort and
+    the two ``searchsorted`` per row stay in a loop. Returns (nnz,) int64 bins.
     """
     counts = np.asarray(counts, dtype=np.float32)
     indptr = np.asarray(indptr, dtype=np.int64)

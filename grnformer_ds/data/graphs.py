@@ -8,77 +8,35 @@ two graphs are built from the store's GRN assets (``grnformer_ds.grn.GRNAssets``
   its largest |weight|, as ``GRNAssets.cell_edges``), restricted the same way, then (training only) edge-perturbed
   (``perturb.py``).
 
-The whole batch is processed at once with numpy on the in-memory CSR arrays (a (B, G) gene -> slot table instead of a
-Python loop over cells): per-cell loops cost ~1 ms a cell, too slow for >= 1,000 cells/s per worker.
+The work is done by numba kernels that walk the cells of a batch once each (``graph_kernels.py``: cell-type
+restriction, regulon union, PyG layout; ``perturb.py``: perturbation, in place), ~4-6x faster than the vectorised numpy reference ``graphs_reference.py``, which stays the
+specification the tests compare against). The GRN is regrouped by TF once, here, for those kernels.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .perturb import perturb_edges
+from .graph_kernels import celltype_graph, cell_union, tf_groups, to_pyg
+from .perturb import batch_seed, perturb_cells
 
 
-def slot_table(slot_genes: np.ndarray, n_genes: int) -> np.ndarray:
-    """(B, G) token slot of every store gene in every cell (-1 when the gene is not a token of that cell).
-
-    slot_genes: (B, L) store gene column of each token slot (-1 for ``<cls>`` / padding)."""
-    n_cells, seq_len = slot_genes.shape
-    table = np.full((n_cells, n_genes), -1, dtype=np.int16 if seq_len < 2 ** 15 else np.int32)
-    b, l = np.nonzero(slot_genes >= 0)
-    table[b, slot_genes[b, l]] = l
-    return table
-
-
-def _gather_csr(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For CSR rows ``rows`` (k,), return (which of the k each entry comes from, entry positions)."""
-    lo = indptr[rows]
-    lengths = (indptr[rows + 1] - lo).astype(np.int64)
-    owner = np.repeat(np.arange(len(rows)), lengths)
-    pos = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return owner, pos + np.repeat(lo, lengths)
-
-
-def celltype_edges(assets, cell_type: np.ndarray, table: np.ndarray):
-    """Cell-type GRN of each cell restricted to its tokens -> (cell, src slot, dst slot, weight)."""
-    parts = []
-    for c in np.unique(cell_type):
-        if c < 0 or c >= assets.n_celltypes:
-            continue  # unknown type: no cell-type graph
-        cells = np.flatnonzero(cell_type == c)
-        lo, hi = assets.celltype_indptr[c], assets.celltype_indptr[c + 1]
-        src, dst, w = assets.celltype_src[lo:hi], assets.celltype_dst[lo:hi], assets.celltype_weight[lo:hi]
-        sub = table[cells]  # (cells of this type, G): column takes are much cheaper than 2-d fancy indexing
-        s, d = np.take(sub, src, axis=1), np.take(sub, dst, axis=1)
-        i, j = np.nonzero((s >= 0) & (d >= 0))
-        parts.append((cells[i], s[i, j], d[i, j], w[j]))
-    return _concat(parts)
-
-
-def cell_specific_edges(assets, active: np.ndarray, table: np.ndarray, seq_len: int):
-    """Union of each cell's active regulons restricted to its tokens -> (cell, src slot, dst slot, weight).
-
-    active: (B, R) bool."""
-    b, r = np.nonzero(active)
-    tf_slot = table[b, assets.regulon_tf[r]]
-    b, r, tf_slot = b[tf_slot >= 0], r[tf_slot >= 0], tf_slot[tf_slot >= 0]  # a regulon needs its TF as a token
-    owner, pos = _gather_csr(assets.regulon_indptr, r)
-    cell = b[owner]
-    dst = table.reshape(-1)[cell * table.shape[1] + assets.regulon_target[pos]]  # flat take: cheaper than 2-d
-    keep = np.flatnonzero(dst >= 0)  # one nonzero pass, then plain takes
-    owner, pos = owner[keep], pos[keep]
-    cell, src, dst = cell[keep], tf_slot[owner], dst[keep]
-    w = assets.regulon_weight[pos]
-    # union: one edge per (cell, src, dst), the one with the largest |weight|. Duplicates need two active regulons
-    # with the same TF in one cell (e.g. TF(+) and TF(-)); without such a pair the edges are already unique.
-    pair = b.astype(np.int64) * assets.n_genes + assets.regulon_tf[r]
-    if len(np.unique(pair)) < len(pair):
-        key = (cell.astype(np.int64) * seq_len + src) * seq_len + dst
-        order = np.lexsort((-np.abs(w), key))
-        key = key[order]
-        order = order[np.r_[True, key[1:] != key[:-1]]]
-        cell, src, dst, w = cell[order], src[order], dst[order], w[order]
-    return cell, src.astype(np.int64), dst.astype(np.int64), w
+def unique_per_row(indptr: np.ndarray, indices: np.ndarray, weight: np.ndarray):
+    """A CSR matrix (indptr (n+1,), indices (nnz,), weight (nnz,)) with one entry per (row, column): the one with the
+    largest |weight|, the first on ties (the union rule of ``GRNAssets.cell_edges``). Order within a row is kept.
+    Returns contiguous (indptr int64, indices, weight float32); the input arrays themselves when already unique."""
+    indptr = np.asarray(indptr, np.int64)
+    weight = np.asarray(weight, np.float32)
+    row = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    key = row * (int(indices.max(initial=0)) + 1) + indices
+    order = np.lexsort((np.arange(len(key)), -np.abs(weight), key))
+    first = order[np.r_[True, key[order][1:] != key[order][:-1]]] if len(key) else order
+    if len(first) == len(key):
+        return indptr, np.ascontiguousarray(indices), np.ascontiguousarray(weight)
+    keep = np.sort(first)
+    new_ptr = np.zeros_like(indptr)
+    np.cumsum(np.bincount(row[keep], minlength=len(indptr) - 1), out=new_ptr[1:])
+    return new_ptr, indices[keep], weight[keep]
 
 
 class GraphBuilder:
@@ -94,46 +52,41 @@ class GraphBuilder:
         self.alpha = float(alpha)
         self.n_genes = int(assets.n_genes)
         self.n_regulons = int(assets.n_regulons)
+        # cell-type GRN grouped by (type, TF): a cell walks only its type's TFs, and the edges of those present
+        n_types = int(assets.n_celltypes)
+        edge_type = np.repeat(np.arange(n_types), np.diff(assets.celltype_indptr))
+        order, type_groups, group_tf, group_ptr = tf_groups(assets.celltype_src, edge_type, n_types)
+        self._celltype = (type_groups, group_tf, group_ptr, np.ascontiguousarray(assets.celltype_dst[order]),
+                          np.ascontiguousarray(assets.celltype_weight[order], dtype=np.float32))
+        # regulons grouped by TF: duplicates of an edge (same TF, same target) can only come from one group
+        reg_order, _, reg_tf, reg_ptr = tf_groups(assets.regulon_tf, np.zeros(self.n_regulons, np.int64), 1)
+        self._regulons = (reg_tf, reg_ptr, reg_order,
+                          *unique_per_row(assets.regulon_indptr, assets.regulon_target, assets.regulon_weight))
+        # one entry per (u, v) link: the perturbation's uniform draw over entries is then uniform over links
+        self._coexpr = unique_per_row(assets.coexpr_indptr, assets.coexpr_indices, assets.coexpr_data)
 
     def __call__(self, slot_genes: np.ndarray, cell_type: np.ndarray, active_regulons: np.ndarray | None,
                  rng: np.random.Generator | None, perturb: bool) -> dict[str, torch.Tensor]:
         """slot_genes: (B, L) store gene column per token slot (-1 = not a gene); cell_type: (B,) (-1 unknown);
-        active_regulons: (B, ceil(R/8)) uint8 packed bitsets or None; rng drives edge perturbation when
-        ``perturb``."""
+        active_regulons: (B, ceil(R/8)) uint8 packed bitsets (little bit order) or None; rng drives edge
+        perturbation when ``perturb`` (one draw per batch, `perturb.batch_seed`)."""
+        slot_genes = np.ascontiguousarray(slot_genes, dtype=np.int64)
         n_cells, seq_len = slot_genes.shape
-        table = slot_table(slot_genes, self.n_genes)
-        ct = celltype_edges(self.assets, np.asarray(cell_type), table)
+        ct_index, ct_weight = celltype_graph(slot_genes, np.asarray(cell_type, np.int64), *self._celltype,
+                                             self.n_genes)
         if active_regulons is None or self.n_regulons == 0:
-            cell = _concat([])
+            cell_index, cell_weight = np.zeros((2, 0), np.int64), np.zeros(0, np.float32)
         else:
-            active = np.unpackbits(active_regulons, axis=1, count=self.n_regulons, bitorder="little").astype(bool)
-            cell = cell_specific_edges(self.assets, active, table, seq_len)
+            ptr, src, dst, cell_weight = cell_union(slot_genes, np.ascontiguousarray(active_regulons, np.uint8),
+                                                    *self._regulons, self.n_genes)
             if perturb and self.alpha > 0:
-                cell = perturb_edges(*cell, table, slot_genes, self.assets.coexpr_indptr,
-                                     self.assets.coexpr_indices, self.assets.coexpr_data, self.alpha, rng)
-        ct_index, ct_weight = _to_pyg(ct, seq_len)
-        cell_index, cell_weight = _to_pyg(cell, seq_len)
+                perturb_cells(ptr, src, dst, cell_weight, slot_genes, *self._coexpr, self.alpha, batch_seed(rng))
+            cell_index = to_pyg(ptr, src, dst, seq_len)
         return {
-            "celltype_edge_index": ct_index,
-            "celltype_edge_weight": ct_weight,
-            "cell_edge_index": cell_index,
-            "cell_edge_weight": cell_weight,
+            "celltype_edge_index": torch.from_numpy(ct_index),
+            "celltype_edge_weight": torch.from_numpy(ct_weight),
+            "cell_edge_index": torch.from_numpy(cell_index),
+            "cell_edge_weight": torch.from_numpy(cell_weight),
             "batch": torch.arange(n_cells, dtype=torch.int64).repeat_interleave(seq_len),
             "ptr": torch.arange(n_cells + 1, dtype=torch.int64) * seq_len,
         }
-
-
-def _concat(parts):
-    if not parts:
-        return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(4))
-
-
-def _to_pyg(edges, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cell, src slot, dst slot, weight) -> edge_index (2, E) over nodes b * L + l, edge_weight (E,), grouped by
-    cell."""
-    cell, src, dst, w = edges
-    order = np.argsort(cell, kind="stable")
-    offset = cell[order].astype(np.int64) * seq_len
-    index = np.stack([src[order].astype(np.int64) + offset, dst[order].astype(np.int64) + offset])
-    return torch.from_numpy(index), torch.from_numpy(np.ascontiguousarray(w[order], dtype=np.float32))

@@ -6,6 +6,9 @@ counts go in as two scalars ``T`` = log10(raw total count) and ``S`` = log10(tot
 read-depth-aware task of scFoundation). Masking hides a fraction of the nonzero genes. The encoder gets only the
 nonzero, unmasked genes (random subset up to ``max_seq_len``, gene-column order, no ``<cls>``); the decoder gets all
 G store genes: their value, ``mask_value`` at masked genes, 0 at zeros.
+
+Batch-wide like `ScGPTCollator`: optional down-sampling draws (`_downsample`), one ``rng.random`` for the
+masked / left-out partition of all cells (``masking.draw_partition``), one kernel filling encoder and decoder arrays.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .binning import DEFAULT_TARGET_SUM, normalize_log1p
+from .binning import DEFAULT_TARGET_SUM, normalize_log1p_batch, row_totals
 from .cells import CellRows
-from .masking import IGNORE_INDEX, choose_masked
+from .masking import IGNORE_INDEX, draw_partition
+from .scgpt_collator import _drop_explicit_zeros
+from .token_kernels import fill_scfoundation
 
 
 @dataclass
@@ -46,44 +51,33 @@ class ScFoundationCollator:
 
     def __call__(self, rows: CellRows, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         n_cells, n_genes = len(rows), len(self.gene_token_ids)
+        indptr, cols, counts = _drop_explicit_zeros(rows)
+        raw_total = row_totals(indptr, counts)
+        if self.downsample_prob > 0:
+            indptr, cols, counts = self._downsample(indptr, cols, counts, rng)
+        lens = np.diff(indptr)
+        totals = np.stack([np.log10(np.maximum(raw_total, 1.0)),
+                           np.log10(np.maximum(row_totals(indptr, counts), 1.0))], axis=1).astype(np.float32)
+        vals, _ = normalize_log1p_batch(indptr, counts, self.target_sum)
+        # one draw for the batch: masked genes, then genes beyond max_seq_len left out of the encoder (masking.py)
+        n_mask = (lens * self.mask_ratio).astype(np.int64)  # int(n * mask_ratio) per cell
+        n_drop = np.maximum(lens - n_mask - self.max_seq_len, 0)
+        state = draw_partition(indptr, n_mask, n_drop, rng)
+        longest = int((lens - n_mask - n_drop).max(initial=0))
+        seq_len = self.max_seq_len if self.pad_to_max_len else max(1, longest)
         decoder = np.zeros((n_cells, n_genes), dtype=np.float32)
         labels = np.full((n_cells, n_genes), IGNORE_INDEX, dtype=np.float32)
-        totals = np.zeros((n_cells, 2), dtype=np.float32)
-        encoder = []
-        for b in range(n_cells):
-            cols, counts = rows.row(b)
-            raw_total = float(counts.sum())
-            if self.downsample_prob > 0 and rng.random() < self.downsample_prob:
-                frac = rng.uniform(self.downsample_min_fraction, 1.0)
-                counts = rng.binomial(counts.astype(np.int64), frac).astype(np.float32)
-                keep = counts > 0
-                cols, counts = cols[keep], counts[keep]
-            values = normalize_log1p(counts, target_sum=self.target_sum)
-            totals[b] = (np.log10(max(raw_total, 1.0)), np.log10(max(float(counts.sum()), 1.0)))
-            decoder[b, cols] = values
-            masked = choose_masked(len(cols), self.mask_ratio, rng)
-            labels[b, cols[masked]] = values[masked]
-            decoder[b, cols[masked]] = self.mask_value
-            unmasked = np.ones(len(cols), dtype=bool)
-            unmasked[masked] = False
-            enc_cols, enc_vals = cols[unmasked], values[unmasked]
-            if len(enc_cols) > self.max_seq_len:
-                keep = np.sort(rng.choice(len(enc_cols), size=self.max_seq_len, replace=False))
-                enc_cols, enc_vals = enc_cols[keep], enc_vals[keep]
-            encoder.append((enc_cols, enc_vals))
-
-        seq_len = self.max_seq_len if self.pad_to_max_len else max(1, max((len(c) for c, _ in encoder), default=1))
-        input_ids = np.full((n_cells, seq_len), self.pad_id, dtype=np.int64)
-        values = np.full((n_cells, seq_len), self.pad_value, dtype=np.float32)
-        slot_genes = np.full((n_cells, seq_len), -1, dtype=np.int64)
-        for b, (cols, vals) in enumerate(encoder):
-            input_ids[b, :len(cols)] = self.gene_token_ids[cols]
-            values[b, :len(cols)] = vals
-            slot_genes[b, :len(cols)] = cols
+        input_ids = np.empty((n_cells, seq_len), dtype=np.int64)  # the kernel writes every encoder slot
+        values = np.empty((n_cells, seq_len), dtype=np.float32)
+        slot_genes = np.empty((n_cells, seq_len), dtype=np.int64)
+        attention = np.empty((n_cells, seq_len), dtype=np.bool_)
+        fill_scfoundation(indptr, np.ascontiguousarray(cols), vals, state, self.gene_token_ids, self.pad_id,
+                          self.mask_value, self.pad_value, IGNORE_INDEX, decoder, labels, input_ids, values,
+                          slot_genes, attention)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "values": torch.from_numpy(values),
-            "attention_mask": torch.from_numpy(slot_genes >= 0),
+            "attention_mask": torch.from_numpy(attention),
             "total_counts": torch.from_numpy(totals),
             "decoder_values": torch.from_numpy(decoder),
             # same row for every cell: an expanded view, so workers ship G ids, not B x G
@@ -93,3 +87,19 @@ class ScFoundationCollator:
             "cell_type_ids": torch.from_numpy(np.asarray(rows.cell_type, dtype=np.int64)),
         }
         return batch, slot_genes
+
+    def _downsample(self, indptr, cols, counts, rng):
+        """Binomially thin the counts of each cell with probability downsample_prob, to a fraction uniform in
+        [downsample_min_fraction, 1): draws ``rng.random(B)``, ``rng.uniform(.., B)``, then one ``rng.binomial``
+        over the picked cells' genes. Genes thinned to 0 are removed. Returns (indptr, cols, counts)."""
+        n_cells = len(indptr) - 1
+        picked = rng.random(n_cells) < self.downsample_prob
+        frac = rng.uniform(self.downsample_min_fraction, 1.0, n_cells)
+        lens = np.diff(indptr)
+        on = np.repeat(picked, lens)
+        counts = counts.copy()
+        counts[on] = rng.binomial(counts[on].astype(np.int64), np.repeat(frac, lens)[on]).astype(np.float32)
+        keep = counts > 0
+        kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept_before[1:])
+        return kept_before[indptr], cols[keep], counts[keep]

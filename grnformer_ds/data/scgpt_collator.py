@@ -1,9 +1,13 @@
 """scGPT-style tokenization of a batch of cells (DESIGN.md section 3, ``backbone="scgpt"``).
 
 Per cell: nonzero genes -> values normalised to ``target_sum``, log1p, binned into ``n_bins`` (``binning.py``, scGPT's
-rule) -> if more than ``max_seq_len - 1`` genes, a random subset of that size (scGPT ``pad_batch`` sampling; kept in
-gene-column order) -> ``<cls>`` prepended with value 0 -> masked-value modelling (``masking.py``) -> padded to the
-longest cell of the batch (or to ``max_seq_len`` with ``pad_to_max_len``) with ``<pad>`` / ``pad_value``.
+rule) -> if more than ``max_seq_len - 1`` genes, a uniformly random subset of that size (scGPT ``pad_batch`` sampling; kept in
+gene-column order) -> ``<cls>`` prepended with value 0 -> masked-value modelling -> padded to the longest cell of the
+batch (or to ``max_seq_len`` with ``pad_to_max_len``) with ``<pad>`` / ``pad_value``.
+
+Random draws, in this order from the caller's generator: ``rng.random(nnz)`` tie-breaking uniforms (binning), then
+one ``rng.random`` for the subset + mask partition of all cells (``masking.draw_partition``). The work is batch-wide:
+one binning kernel, one partition kernel, one kernel writing the padded arrays (``token_kernels.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import torch
 
 from .binning import DEFAULT_TARGET_SUM, bin_batch
 from .cells import CellRows
-from .masking import IGNORE_INDEX, choose_masked
+from .masking import IGNORE_INDEX, draw_partition
+from .token_kernels import fill_scgpt
 
 
 @dataclass
@@ -52,39 +57,27 @@ class ScGPTCollator:
         indptr, cols, counts = _drop_explicit_zeros(rows)
         lens = np.diff(indptr)
         # All tie-breaking uniforms first (one draw for the batch, cells in order, as scGPT's per-row draws), so the
-        # bins of a cell do not depend on the subsetting / masking draws of the cells before it.
+        # bins of a cell do not depend on the subsetting / masking draws.
         uniforms = rng.random(int(indptr[-1]))
-        bins = bin_batch(indptr, counts, self.n_bins, uniforms, self.target_sum).astype(np.float32)
+        bins = bin_batch(indptr, counts, self.n_bins, uniforms, self.target_sum)
+        # Then one draw for the whole batch: which genes long cells drop, which kept genes are masked (masking.py).
         kept = np.minimum(lens, max_genes)
+        n_mask = (kept * self.mask_ratio).astype(np.int64)  # int(n * mask_ratio) per cell
+        state = draw_partition(indptr, n_mask, lens - kept, rng)
         longest = int(kept.max(initial=0)) + 1
         seq_len = self.max_seq_len if self.pad_to_max_len else longest
-        input_ids = np.full((n_cells, seq_len), self.pad_id, dtype=np.int64)
-        values = np.full((n_cells, seq_len), self.pad_value, dtype=np.float32)
-        labels = np.full((n_cells, seq_len), IGNORE_INDEX, dtype=np.float32)
-        slot_genes = np.full((n_cells, seq_len), -1, dtype=np.int64)
-        input_ids[:, 0] = self.cls_id
-        values[:, 0] = 0.0
-        tokens = self.gene_token_ids[cols]
-        # Per cell, in cell order (the generator's stream): gene subset of long cells, then the masked slots. Only
-        # the random draws and contiguous slice copies stay per cell (cheaper here than scattering by index arrays).
-        for b, (lo, hi) in enumerate(zip(indptr[:-1].tolist(), indptr[1:].tolist())):
-            n = hi - lo
-            if n > max_genes:
-                keep = lo + np.sort(rng.choice(n, size=max_genes, replace=False))
-                c, t, v = cols[keep], tokens[keep], bins[keep]
-                n = max_genes
-            else:
-                c, t, v = cols[lo:hi], tokens[lo:hi], bins[lo:hi]
-            masked = choose_masked(n, self.mask_ratio, rng) + 1
-            input_ids[b, 1:n + 1] = t
-            values[b, 1:n + 1] = v
-            slot_genes[b, 1:n + 1] = c
-            labels[b, masked] = values[b, masked]
-            values[b, masked] = self.mask_value
+        # every slot is written by the kernel
+        input_ids = np.empty((n_cells, seq_len), dtype=np.int64)
+        values = np.empty((n_cells, seq_len), dtype=np.float32)
+        labels = np.empty((n_cells, seq_len), dtype=np.float32)
+        slot_genes = np.empty((n_cells, seq_len), dtype=np.int64)
+        attention = np.empty((n_cells, seq_len), dtype=np.bool_)
+        fill_scgpt(indptr, np.ascontiguousarray(cols), bins, state, self.gene_token_ids, self.cls_id, self.pad_id,
+                   self.mask_value, self.pad_value, IGNORE_INDEX, input_ids, values, labels, slot_genes, attention)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "values": torch.from_numpy(values),
-            "attention_mask": torch.from_numpy(input_ids != self.pad_id),
+            "attention_mask": torch.from_numpy(attention),
             "labels": torch.from_numpy(labels),
             "cell_index": torch.from_numpy(np.asarray(rows.cell_index, dtype=np.int64)),
             "cell_type_ids": torch.from_numpy(np.asarray(rows.cell_type, dtype=np.int64)),

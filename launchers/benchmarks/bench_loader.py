@@ -1,13 +1,26 @@
 """Loader throughput: StreamingCellDataset vs bionemo-scdl SingleCellMemMapDataset vs AnnData backed mode.
 
-All three read the same cells (one synthetic count matrix, written once as .h5ad; the store and the SCDL memmap are
-built from it) and are timed twice:
+All loaders read the same cells (one synthetic count matrix, written once as .h5ad; the store and the SCDL memmap are
+built from it). Peers:
 
-* ``raw``: rows only (what each loader gives out of the box: our `CellRows` via the block-shuffle reader, SCDL's
-  ``collate_sparse_matrix_batch`` CSR tensor, AnnData's backed ``X[sorted random rows]``);
-* ``tokenized+graphs``: the same ready-to-train batch for all: scGPT tokenization + masking + both graph scales +
-  edge perturbation (alpha 0.2). Ours is `StreamingCellDataset`; the baselines feed their rows to the same collator
-  and graph builder inside their DataLoader workers (so the difference is the data access).
+* **SCDL**: ``DataLoader(SingleCellMemMapDataset, shuffle=True, collate_fn=collate_sparse_matrix_batch)``;
+* **tiledbsoma-ml**: ``ExperimentDataset`` over a TileDB-SOMA experiment of the same cells (its defaults: 65,536-cell
+  I/O batches shuffled in 64-cell chunks, sparse X);
+* **AnnData backed, batched**: ``read_h5ad(backed="r")``, each batch = ``X[sorted random rows]`` in one call (the
+  scvi-tools AnnDataLoader pattern, the fastest use of backed mode);
+* **AnnData backed, per cell**: a map-style Dataset whose ``__getitem__`` reads ``X[i]``, batched by a shuffling
+  DataLoader (the plain PyTorch pattern).
+
+Modes (what a batch is; ``--modes``):
+
+* ``raw``: rows only (what each loader gives out of the box);
+* ``tokenized``: scGPT-style batches (binning, gene sampling to max_seq_len 1200, padding, masking). Ours is
+  `StreamingCellDataset(graphs=False)`; the peers run scGPT's own pretraining collator
+  (``scgpt.data_collator.DataCollator``, scgpt 0.2.4) in their DataLoader's collate — the pipeline a scGPT user
+  builds on these loaders;
+* ``tokenized+graphs``: the same plus both graph scales and edge perturbation (alpha 0.2); the peers have no GRN code,
+  so they get our `GraphBuilder` after scGPT's collator;
+* ``tokenized+graphs, same collator``: the peers run our collator + graph builder, so only the data access differs.
 
 Usage::
 
@@ -23,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -93,13 +107,16 @@ def make_grn(store: Path, n_regulons: int, seed: int) -> None:
         write_shard_regulon_activity(path, active.astype(np.float32), active, a.regulon_names)
 
 
-def prepare(workdir: Path, args) -> tuple[Path, Path, Path]:
+def prepare(workdir: Path, args) -> tuple[Path, Path, Path, Path]:
+    """(h5ad, our store, SCDL memmap, SOMA experiment) of the same cells, built once per parameter set."""
     workdir.mkdir(parents=True, exist_ok=True)
-    h5ad, store, scdl = workdir / "cells.h5ad", workdir / "store", workdir / "scdl"
+    h5ad, store, scdl, soma = workdir / "cells.h5ad", workdir / "store", workdir / "scdl", workdir / "soma"
     tag = workdir / "params.json"
     params = {k: getattr(args, k) for k in ("n_cells", "n_genes", "genes_per_cell", "n_regulons", "seed")}
     if tag.exists() and json.loads(tag.read_text()) == params and (store / "grn").exists() and scdl.exists():
-        return h5ad, store, scdl
+        if not soma.exists():
+            _make_soma(h5ad, soma)
+        return h5ad, store, scdl, soma
     t = time.perf_counter()
     make_h5ad(h5ad, args.n_cells, args.n_genes, args.genes_per_cell, args.seed)
     print(f"h5ad written in {time.perf_counter() - t:.1f}s", file=sys.stderr)
@@ -112,27 +129,72 @@ def prepare(workdir: Path, args) -> tuple[Path, Path, Path]:
     from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
 
     t = time.perf_counter()
-    import shutil
-
     shutil.rmtree(scdl, ignore_errors=True)  # SCDL refuses to overwrite a memmap of an earlier, other input
     SingleCellMemMapDataset(str(scdl), h5ad_path=str(h5ad), use_X_not_raw=True)
     print(f"SCDL memmap built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    shutil.rmtree(soma, ignore_errors=True)
+    _make_soma(h5ad, soma)
     tag.write_text(json.dumps(params))
-    return h5ad, store, scdl
+    return h5ad, store, scdl, soma
+
+
+def _make_soma(h5ad: Path, soma: Path) -> None:
+    """The cells as a TileDB-SOMA experiment (measurement "RNA", X layer "data"), for tiledbsoma-ml."""
+    import tiledbsoma.io
+
+    t = time.perf_counter()
+    tiledbsoma.io.from_h5ad(str(soma), str(h5ad), measurement_name="RNA")
+    print(f"SOMA experiment built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- baselines
-class _Tokenize:
-    """Baseline post-processing = our collator + graph builder on rows given by another loader (picklable)."""
+def load_scgpt_collator():
+    """scGPT's own pretraining collator (``scgpt.data_collator.DataCollator``, scgpt 0.2.4), imported without
+    ``scgpt/__init__`` (which pulls IPython, flash-attn, torchtext): it only needs numpy, torch and scgpt.preprocess."""
+    import importlib
+    import importlib.util
+    import logging
+    import types
 
-    def __init__(self, store: Path, batch_size: int):
+    if "scgpt.data_collator" not in sys.modules:
+        spec = importlib.util.find_spec("scgpt")
+        if spec is None:
+            raise UserInputError("the peer pipelines need scgpt==0.2.4 (pip install --no-deps scgpt==0.2.4)")
+        if "scgpt" not in sys.modules:
+            pkg = types.ModuleType("scgpt")
+            pkg.__path__ = list(spec.submodule_search_locations)
+            pkg.logger = logging.getLogger("scGPT-reference")
+            sys.modules["scgpt"] = pkg
+    return importlib.import_module("scgpt.data_collator").DataCollator
+
+
+class _Post:
+    """What a peer loader's collate does after reading a batch of rows (picklable, runs in DataLoader workers).
+
+    kind = ``raw``: nothing (the rows are the batch); ``scgpt``: scGPT's own pretraining collator (binning, gene
+    sampling to max_len, padding, masking; its per-cell dict input built from the rows); ``scgpt+graphs``: that plus
+    our `GraphBuilder` (the peers have no GRN code: they get ours, with the same perturbation); ``ours+graphs``: our
+    collator + graph builder (so only the data access differs)."""
+
+    def __init__(self, store: Path, kind: str, max_seq_len: int = 1200):
         from grnformer_ds.data import GraphBuilder, ScGPTCollator
         from grnformer_ds.grn import read_grn_assets, read_shard_active_regulons
         from grnformer_ds.store import open_store
 
         st = open_store(store)
-        self.collator = ScGPTCollator(st.token_ids, pad_id=st.vocab["<pad>"], cls_id=st.vocab["<cls>"])
-        self.graphs = GraphBuilder(read_grn_assets(store), alpha=0.2)
+        self.kind = kind
+        self.pad_id, self.cls_id = st.vocab["<pad>"], st.vocab["<cls>"]
+        self.token_ids = np.asarray(st.token_ids, dtype=np.int64)
+        self.column_of_token = np.full(st.vocab_size, -1, np.int64)  # token id -> store column (-1: special)
+        self.column_of_token[self.token_ids] = np.arange(len(self.token_ids))
+        self.ours = ScGPTCollator(st.token_ids, pad_id=self.pad_id, cls_id=self.cls_id, max_seq_len=max_seq_len)
+        if kind.startswith("scgpt"):
+            o = self.ours
+            self.scgpt = load_scgpt_collator()(
+                do_padding=True, pad_token_id=self.pad_id, pad_value=int(o.pad_value), do_mlm=True, do_binning=True,
+                mlm_probability=o.mask_ratio, mask_value=int(o.mask_value), max_length=max_seq_len, sampling=True,
+                keep_first_n_tokens=1)
+        self.graphs = GraphBuilder(read_grn_assets(store), alpha=0.2) if kind.endswith("graphs") else None
         # per-cell metadata in the input (h5ad) order: the baselines index cells by h5ad row
         names, ct, bits = [], [], []
         for i, p in enumerate(st.shard_paths):
@@ -148,12 +210,26 @@ class _Tokenize:
         from grnformer_ds.data import CellRows
         from grnformer_ds.data.sampler import batch_rng
 
+        if self.kind == "raw":
+            return torch.as_tensor(np.asarray(indptr))
+        self.count += 1
         rows = CellRows(indptr=np.asarray(indptr, np.int64), indices=np.asarray(indices, np.int32),
                         data=np.asarray(data, np.float32), cell_index=np.asarray(idx, np.int64),
                         cell_type=self.cell_type[idx], active_regulons=self.bits[idx])
-        self.count += 1
-        out, slot = self.collator(rows, batch_rng(0, 0, self.count, 0))
-        out.update(self.graphs(slot, rows.cell_type, rows.active_regulons, batch_rng(0, 0, self.count, 1), True))
+        if self.kind == "ours+graphs":
+            out, slot = self.ours(rows, batch_rng(0, 0, self.count, 0))
+        else:
+            examples = []
+            for b in range(len(idx)):
+                lo, hi = rows.indptr[b], rows.indptr[b + 1]
+                examples.append({
+                    "id": torch.tensor(int(idx[b])),
+                    "genes": torch.from_numpy(np.r_[self.cls_id, self.token_ids[rows.indices[lo:hi]]]),
+                    "expressions": torch.from_numpy(np.r_[0.0, rows.data[lo:hi]].astype(np.float32))})
+            out = self.scgpt(examples)
+            slot = self.column_of_token[out["gene"].numpy()]  # the graph builder's (B, L) store columns
+        if self.graphs is not None:
+            out.update(self.graphs(slot, rows.cell_type, rows.active_regulons, batch_rng(0, 0, self.count, 1), True))
         return out
 
 
@@ -180,24 +256,46 @@ class _ScdlIndexed(torch.utils.data.Dataset):
 
 
 class _ScdlCollate:
-    def __init__(self, tokenize: _Tokenize | None):
-        self.tokenize = tokenize
+    def __init__(self, post: _Post):
+        self.post = post
 
     def __call__(self, items):
         from bionemo.scdl.util.torch_dataloader_utils import collate_sparse_matrix_batch
 
         idx = np.array([i for i, _ in items])
         csr = collate_sparse_matrix_batch([t for _, t in items])  # SCDL's own collate
-        if self.tokenize is None:
+        if self.post.kind == "raw":
             return csr
-        return self.tokenize(idx, csr.crow_indices().numpy(), csr.col_indices().numpy(), csr.values().numpy())
+        return self.post(idx, csr.crow_indices().numpy(), csr.col_indices().numpy(), csr.values().numpy())
 
 
-class _AnnDataBacked(torch.utils.data.IterableDataset):
-    """AnnData backed mode, random access: each batch reads X[sorted random rows] from the .h5ad."""
+class _Soma(torch.utils.data.IterableDataset):
+    """tiledbsoma-ml's ``ExperimentDataset`` (its defaults: shuffle in 64-cell chunks inside 65,536-cell I/O batches;
+    sparse X) opened in each worker, its batches passed through the peer post-processing. soma_joinid = h5ad row."""
 
-    def __init__(self, h5ad: Path, batch_size: int, n_batches: int, tokenize: _Tokenize | None):
-        self.h5ad, self.batch_size, self.n_batches, self.tokenize = h5ad, batch_size, n_batches, tokenize
+    def __init__(self, uri: Path, batch_size: int, seed: int, post: _Post):
+        self.uri, self.batch_size, self.seed, self.post = str(uri), batch_size, seed, post
+
+    def __iter__(self):
+        import tiledbsoma
+        from tiledbsoma_ml import ExperimentDataset
+
+        with tiledbsoma.Experiment.open(self.uri) as exp, exp.axis_query(measurement_name="RNA") as query:
+            ds = ExperimentDataset(query, layer_name="data", batch_size=self.batch_size, shuffle=True,
+                                   seed=self.seed, return_sparse_X=True)
+            for x, obs in ds:
+                if self.post.kind == "raw":
+                    yield x
+                else:
+                    yield self.post(obs["soma_joinid"].to_numpy(), x.indptr, x.indices, x.data)
+
+
+class _AnnDataBatched(torch.utils.data.IterableDataset):
+    """AnnData backed mode, batched random access: each batch reads X[sorted random rows] from the .h5ad in one call
+    (the access pattern of scvi-tools' AnnDataLoader; the fastest way to use backed mode)."""
+
+    def __init__(self, h5ad: Path, batch_size: int, n_batches: int, post: _Post):
+        self.h5ad, self.batch_size, self.n_batches, self.post = h5ad, batch_size, n_batches, post
 
     def __iter__(self):
         import anndata as ad
@@ -209,10 +307,39 @@ class _AnnDataBacked(torch.utils.data.IterableDataset):
         for _ in range(w, self.n_batches, nw):
             idx = np.sort(rng.choice(adata.n_obs, self.batch_size, replace=False))
             x = adata.X[idx]  # scipy CSR rows read from HDF5
-            if self.tokenize is None:
-                yield torch.from_numpy(x.indptr.astype(np.int64))
-            else:
-                yield self.tokenize(idx, x.indptr, x.indices, x.data)
+            yield self.post(idx, x.indptr, x.indices, x.data)
+
+
+class _AnnDataPerCell(torch.utils.data.Dataset):
+    """AnnData backed mode, per-cell random access: a map-style Dataset whose ``__getitem__`` reads one row
+    (``adata.X[i]``), batched by a shuffling DataLoader (the plain PyTorch pattern over a backed AnnData)."""
+
+    def __init__(self, h5ad: Path):
+        self.h5ad, self.adata = h5ad, None
+
+    def __len__(self):
+        import anndata as ad
+
+        return ad.read_h5ad(self.h5ad, backed="r").n_obs if self.adata is None else self.adata.n_obs
+
+    def __getitem__(self, i):
+        import anndata as ad
+
+        if self.adata is None:  # opened in the worker (h5py handles do not survive a fork)
+            self.adata = ad.read_h5ad(self.h5ad, backed="r")
+        return i, self.adata.X[i]
+
+
+class _AnnDataPerCellCollate:
+    def __init__(self, post: _Post):
+        self.post = post
+
+    def __call__(self, items):
+        import scipy.sparse as sp
+
+        idx = np.array([i for i, _ in items])
+        x = sp.vstack([r for _, r in items], format="csr")
+        return self.post(idx, x.indptr, x.indices, x.data)
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -236,50 +363,74 @@ def _time(make_loader, n_batches: int, batch_size: int, warmup: int = 2) -> tupl
     return n * batch_size / wall, n * batch_size / max(cpu, 1e-9)
 
 
+MODES = {
+    # mode: (our dataset's options, the peers' post-processing)
+    "raw": (None, "raw"),
+    "tokenized": ({"graphs": False}, "scgpt"),
+    "tokenized+graphs": ({"edge_perturbation": 0.2}, "scgpt+graphs"),
+    "tokenized+graphs, same collator": ({"edge_perturbation": 0.2}, "ours+graphs"),
+}
+LOADERS = ("grnformer_ds", "scdl", "tiledbsoma_ml", "anndata_batched", "anndata_per_cell")
+
+
 def run(args) -> list[dict]:
-    """Per (workers, mode): the three loaders are timed in `rounds` interleaved rounds (ours, SCDL, AnnData, ours,
-    ...) so that load changes on a shared machine hit all three alike; the median round is reported."""
+    """Per (workers, mode): the loaders are timed in `rounds` interleaved rounds (ours, SCDL, AnnData, ours, ...) so
+    that load changes on a shared machine hit all alike; the median round is reported."""
     from torch.utils.data import DataLoader
 
     from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset
 
-    h5ad, store, scdl = prepare(Path(args.workdir), args)
+    h5ad, store, scdl, soma = prepare(Path(args.workdir), args)
     B = args.batch_size
-    tok = _Tokenize(store, B)
     results = []
     for nw in args.workers:
         mp = {"multiprocessing_context": "forkserver"} if nw else {}
-        for mode in ("raw", "tokenized+graphs"):
+        for mode in args.modes:
+            ours_opts, post_kind = MODES[mode]
+            post = _Post(store, post_kind)
+
             def ours(seed):
-                if mode == "raw":
+                if ours_opts is None:
                     ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0)
-                    raw = _RawOurs(ds, args.raw_batches + 2 + nw)
+                    raw = _RawOurs(ds, args.n_cells // B)
                     return raw if nw == 0 else DataLoader(raw, batch_size=None, num_workers=nw, **mp)
-                ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0, edge_perturbation=0.2)
-                assert ds.graphs
+                ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0, **ours_opts)
                 return StatefulCellLoader(ds, num_workers=nw)
 
             def scdl_loader(seed):
                 torch.manual_seed(seed)
                 return DataLoader(_ScdlIndexed(str(scdl)), batch_size=B, shuffle=True, num_workers=nw,
-                                  collate_fn=_ScdlCollate(None if mode == "raw" else tok), **mp)
+                                  collate_fn=_ScdlCollate(post), **mp)
 
-            def anndata_loader(seed):
-                ab = _AnnDataBacked(h5ad, B, args.anndata_batches + 2 + nw, None if mode == "raw" else tok)
+            def anndata_batched(seed):
+                ab = _AnnDataBatched(h5ad, B, args.anndata_batches + 2 + nw, post)
                 return DataLoader(ab, batch_size=None, num_workers=nw, **mp)
 
-            n_batches = args.raw_batches if mode == "raw" else args.batches
-            rounds = {"grnformer_ds": [], "scdl": [], "anndata_backed": []}
+            def anndata_per_cell(seed):
+                torch.manual_seed(seed)
+                return DataLoader(_AnnDataPerCell(h5ad), batch_size=B, shuffle=True, num_workers=nw,
+                                  collate_fn=_AnnDataPerCellCollate(post), **mp)
+
+            def soma_loader(seed):
+                return DataLoader(_Soma(soma, B, seed, post), batch_size=None, num_workers=nw, **mp)
+
+            makers = {"grnformer_ds": ours, "scdl": scdl_loader, "tiledbsoma_ml": soma_loader,
+                      "anndata_batched": anndata_batched, "anndata_per_cell": anndata_per_cell}
+            # raw: one whole epoch from the first batch (all block / I/O-batch reads and worker start-up included:
+            # the buffering loaders front-load their reads); tokenized: a steady-state window after 2 batches
+            n_batches = args.n_cells // B if mode == "raw" else args.batches
+            warmup = 0 if mode == "raw" else 2
+            rounds = {name: [] for name in LOADERS}
+            for name in LOADERS:  # untimed: one-time process costs (imports, numba cache loads, file handles)
+                _time(lambda: makers[name](99), 3, B, warmup=0)
             for r in range(args.rounds):
-                rounds["grnformer_ds"].append(_time(lambda: ours(r), n_batches, B))
-                rounds["scdl"].append(_time(lambda: scdl_loader(r), n_batches, B))
-                rounds["anndata_backed"].append(_time(lambda: anndata_loader(r), args.anndata_batches, B))
+                for name in LOADERS:
+                    n = args.anndata_batches if name.startswith("anndata") else n_batches
+                    rounds[name].append(_time(lambda: makers[name](r), n, B, warmup=warmup))
             row = {"workers": nw, "mode": mode}
             for name, got in rounds.items():
                 row[name] = float(np.median([g[0] for g in got]))
                 row[name + "_cpu"] = float(np.median([g[1] for g in got]))
-            row["vs_scdl"] = row["grnformer_ds"] / row["scdl"]
-            row["vs_anndata"] = row["grnformer_ds"] / row["anndata_backed"]
             print(json.dumps(row), file=sys.stderr)
             results.append(row)
     return results
@@ -311,20 +462,26 @@ def report(results: list[dict], args) -> str:
         f"{torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}.",
         f"Data: {args.n_cells} synthetic cells x {args.n_genes} genes, ~{args.genes_per_cell} nonzero genes per cell, "
         f"{args.n_regulons} regulons (30 % active per cell), 10 cell-type GRNs of 5,000 edges, co-expression graph "
-        f"with 20 neighbours per gene; batch size {args.batch_size}; max_seq_len 1200; {args.raw_batches} (raw) / "
-        f"{args.batches} (tokenized) timed batches ({args.anndata_batches} for AnnData) after 2 warm-up batches, "
-        f"median of {args.rounds} interleaved rounds.",
+        f"with 20 neighbours per gene; batch size {args.batch_size}; max_seq_len 1200. Raw: one whole epoch "
+        f"({args.n_cells // args.batch_size} batches) timed from the first batch; tokenized: {args.batches} batches "
+        f"after 2 warm-up batches; AnnData: {args.anndata_batches} batches. Median of {args.rounds} interleaved "
+        "rounds.",
         "Wall-clock cells/s; with 0 workers also cells per CPU-second of the loading process (= one core's rate, "
         "independent of the machine's load).",
         "",
-        "| workers | batch | grnformer_ds cells/s | SCDL cells/s | AnnData backed cells/s | x SCDL | x AnnData |",
-        "|---|---|---|---|---|---|---|",
+        "| workers | batch | grnformer_ds | SCDL | tiledbsoma-ml | AnnData backed, batched | AnnData backed, per cell "
+        "| x SCDL | x tiledbsoma-ml | x AnnData batched | x AnnData per cell |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        cpu = lambda k: f" ({r[k + '_cpu']:,.0f}/CPU-s)" if r["workers"] == 0 else ""
-        lines.append(f"| {r['workers']} | {r['mode']} | {r['grnformer_ds']:,.0f}{cpu('grnformer_ds')} | "
-                     f"{r['scdl']:,.0f}{cpu('scdl')} | {r['anndata_backed']:,.0f}{cpu('anndata_backed')} | "
-                     f"{r['vs_scdl']:.2f} | {r['vs_anndata']:.1f} |")
+        def cell(k):
+            return f"{r[k]:,.0f}" + (f" ({r[k + '_cpu']:,.0f}/CPU-s)" if r["workers"] == 0 else "")
+
+        ratio = (lambda k: r["grnformer_ds_cpu"] / r[k + "_cpu"]) if r["workers"] == 0 else \
+            (lambda k: r["grnformer_ds"] / r[k])
+        lines.append(f"| {r['workers']} | {r['mode']} | " + " | ".join(cell(k) for k in LOADERS) + " | "
+                     + " | ".join(f"{ratio(k):.2f}" for k in LOADERS[1:]) + " |")
+    lines += ["", "Ratios: per CPU-second with 0 workers, wall-clock with workers."]
     return "\n".join(lines) + "\n"
 
 
@@ -338,23 +495,22 @@ def main(argv=None) -> int:
     p.add_argument("--n-regulons", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=60, help="timed batches, tokenized mode")
-    p.add_argument("--raw-batches", type=int, default=200, help="timed batches, raw mode (long enough to span "
-                   "several shuffle buffers: the first batches of a buffer read all of its blocks)")
     p.add_argument("--anndata-batches", type=int, default=10)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args(argv)
-    for name in ("n_cells", "n_genes", "genes_per_cell", "n_regulons", "batch_size", "batches", "raw_batches",
+    for name in ("n_cells", "n_genes", "genes_per_cell", "n_regulons", "batch_size", "batches",
                  "anndata_batches", "rounds"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.genes_per_cell * 3 // 2 > args.n_genes or args.n_regulons > args.n_genes:
         raise UserInputError("--genes-per-cell x 1.5 and --n-regulons must not exceed --n-genes")
-    if args.n_cells < args.batch_size * (args.raw_batches + 4):
-        raise UserInputError(f"--n-cells must hold at least (--raw-batches + 4) batches: "
-                             f"{args.batch_size * (args.raw_batches + 4)} cells")
+    if args.n_cells < args.batch_size * (args.batches + 4):
+        raise UserInputError(f"--n-cells must hold at least (--batches + 4) batches: "
+                             f"{args.batch_size * (args.batches + 4)} cells")
     if any(w < 0 for w in args.workers):
         raise UserInputError("--workers must be >= 0")
     results = run(args)
