@@ -240,6 +240,10 @@ def run_gather_shard(store: str | Path, plan: Plan, k: int) -> dict:
             opened.append(f)
             sel = np.nonzero(is_direct & (cell_input == i))[0]
             local = cells["src_row"][sel] - inp["row_offset"]
+            # read in file order (each row lands at its own shuffled place anyway): one forward sweep per input, so
+            # the OS read-ahead helps when the inputs are not in the page cache (files larger than RAM)
+            by_row = np.argsort(local, kind="stable")
+            sel, local = sel[by_row], local[by_row]
             cmap, monotone = plan.colmap(i).astype(np.int32), plan.colmap_monotone(i)
             for x, y in _split(len(sel), 2):
                 tasks.append((f.read_rows, (in_indptr, local[x:y], indptr[sel[x:y]], cells["row_len"][sel[x:y]],
