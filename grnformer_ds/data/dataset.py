@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserInputError
 from .cells import CellRows
 from .graphs import GraphBuilder
+from .packing import pack_batch, unpack_batch
 from .readers import StoreReader
 from .row_gather import gather_spans
 from .sampler import EpochPlan, batch_rng
@@ -269,6 +270,8 @@ class StreamingCellDataset(IterableDataset):
             out = self.batch(step, plan)
             if info is None:
                 self._consumed = step + 1  # before yielding: a checkpoint taken now must not replay this batch
+            elif self._managed:
+                out = pack_batch(out)  # one shared-memory segment instead of one per tensor; unpacked by the loader
             yield out
         if info is None:
             self._end_epoch(plan)
@@ -310,7 +313,7 @@ class StatefulCellLoader:
         plan = self.dataset.plan()
         for out in self.loader:
             self.dataset._advance()
-            yield out
+            yield unpack_batch(out)
         self.dataset._end_epoch(plan)
 
     def set_epoch(self, epoch: int) -> None:

@@ -5,7 +5,8 @@ built from it). Peers:
 
 * **SCDL**: ``DataLoader(SingleCellMemMapDataset, shuffle=True, collate_fn=collate_sparse_matrix_batch)``;
 * **tiledbsoma-ml**: ``ExperimentDataset`` over a TileDB-SOMA experiment of the same cells (its defaults: 65,536-cell
-  I/O batches shuffled in 64-cell chunks, sparse X);
+  I/O batches shuffled in 64-cell chunks; sparse X in one process, dense X in DataLoader workers, where it refuses
+  sparse batches);
 * **AnnData backed, batched**: ``read_h5ad(backed="r")``, each batch = ``X[sorted random rows]`` in one call (the
   scvi-tools AnnDataLoader pattern, the fastest use of backed mode);
 * **AnnData backed, per cell**: a map-style Dataset whose ``__getitem__`` reads ``X[i]``, batched by a shuffling
@@ -188,12 +189,12 @@ class _Post:
         self.column_of_token = np.full(st.vocab_size, -1, np.int64)  # token id -> store column (-1: special)
         self.column_of_token[self.token_ids] = np.arange(len(self.token_ids))
         self.ours = ScGPTCollator(st.token_ids, pad_id=self.pad_id, cls_id=self.cls_id, max_seq_len=max_seq_len)
-        if kind.startswith("scgpt"):
-            o = self.ours
-            self.scgpt = load_scgpt_collator()(
-                do_padding=True, pad_token_id=self.pad_id, pad_value=int(o.pad_value), do_mlm=True, do_binning=True,
-                mlm_probability=o.mask_ratio, mask_value=int(o.mask_value), max_length=max_seq_len, sampling=True,
-                keep_first_n_tokens=1)
+        o = self.ours
+        self._scgpt_kwargs = dict(  # scGPT's collator is built where it runs (a worker cannot unpickle it: see below)
+            do_padding=True, pad_token_id=self.pad_id, pad_value=int(o.pad_value), do_mlm=True, do_binning=True,
+            mlm_probability=o.mask_ratio, mask_value=int(o.mask_value), max_length=max_seq_len, sampling=True,
+            keep_first_n_tokens=1)
+        self._scgpt = None
         self.graphs = GraphBuilder(read_grn_assets(store), alpha=0.2) if kind.endswith("graphs") else None
         # per-cell metadata in the input (h5ad) order: the baselines index cells by h5ad row
         names, ct, bits = [], [], []
@@ -205,6 +206,10 @@ class _Post:
         self.cell_type = np.concatenate(ct)[order].astype(np.int64)
         self.bits = np.concatenate(bits)[order]
         self.count = 0
+
+    def __getstate__(self):
+        # unpickling a scgpt object in a DataLoader worker would import scgpt/__init__ (IPython, torchtext, ...)
+        return {**self.__dict__, "_scgpt": None}
 
     def __call__(self, idx: np.ndarray, indptr, indices, data):
         from grnformer_ds.data import CellRows
@@ -226,7 +231,9 @@ class _Post:
                     "id": torch.tensor(int(idx[b])),
                     "genes": torch.from_numpy(np.r_[self.cls_id, self.token_ids[rows.indices[lo:hi]]]),
                     "expressions": torch.from_numpy(np.r_[0.0, rows.data[lo:hi]].astype(np.float32))})
-            out = self.scgpt(examples)
+            if self._scgpt is None:
+                self._scgpt = load_scgpt_collator()(**self._scgpt_kwargs)
+            out = self._scgpt(examples)
             slot = self.column_of_token[out["gene"].numpy()]  # the graph builder's (B, L) store columns
         if self.graphs is not None:
             out.update(self.graphs(slot, rows.cell_type, rows.active_regulons, batch_rng(0, 0, self.count, 1), True))
@@ -280,13 +287,19 @@ class _Soma(torch.utils.data.IterableDataset):
         import tiledbsoma
         from tiledbsoma_ml import ExperimentDataset
 
+        import scipy.sparse as sp
+
+        # tiledbsoma-ml refuses sparse batches inside DataLoader workers (torch cannot share sparse tensors): there
+        # it yields dense (B, G) arrays, turned into CSR here as a user would
+        sparse = torch.utils.data.get_worker_info() is None
         with tiledbsoma.Experiment.open(self.uri) as exp, exp.axis_query(measurement_name="RNA") as query:
             ds = ExperimentDataset(query, layer_name="data", batch_size=self.batch_size, shuffle=True,
-                                   seed=self.seed, return_sparse_X=True)
+                                   seed=self.seed, return_sparse_X=sparse)
             for x, obs in ds:
                 if self.post.kind == "raw":
-                    yield x
+                    yield torch.as_tensor(x.indptr if sparse else x)
                 else:
+                    x = x if sparse else sp.csr_matrix(x)
                     yield self.post(obs["soma_joinid"].to_numpy(), x.indptr, x.indices, x.data)
 
 
