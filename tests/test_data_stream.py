@@ -338,15 +338,17 @@ def test_errors_for_incomplete_store_and_missing_grn(tmp_path, store):
 
 
 def test_packed_batch_round_trip_is_views_of_one_buffer():
-    """Workers send a batch as one shared-memory buffer (packing.py); unpacked it equals the dict, key for key, with
-    the same dtypes and shapes, as non-overlapping views of one storage (an in-place edit touches one key only)."""
+    """Workers send a batch as one shared-memory buffer (packing.py); unpacked it equals the dict, key for key and in
+    order, with the same dtypes and shapes (int64 narrowed on the wire only when it fits; `batch` rebuilt from `ptr`),
+    and the other keys are non-overlapping views of one storage (an in-place edit touches one key only)."""
     from torch.utils.data._utils.collate import default_convert
 
     from grnformer_ds.data.packing import pack_batch, unpack_batch
 
     batch = {"input_ids": torch.arange(24, dtype=torch.int64).view(4, 6), "values": torch.rand(4, 6),
              "attention_mask": torch.rand(4, 6) > 0.5, "edge_index": torch.randint(0, 9, (2, 7)),
-             "edge_weight": torch.rand(7), "ptr": torch.tensor([0, 6, 12, 18, 24]), "empty": torch.zeros(0, 3)}
+             "edge_weight": torch.rand(7), "batch": torch.arange(4).repeat_interleave(6),
+             "big": torch.tensor([2 ** 40, -3]), "ptr": torch.tensor([0, 6, 12, 18, 24]), "empty": torch.zeros(0, 3)}
     packed = pack_batch(batch)
     assert packed[0].is_shared()
     for sent in (packed, default_convert(packed)):  # what a DataLoader worker's batch_size=None path hands over
@@ -355,6 +357,8 @@ def test_packed_batch_round_trip_is_views_of_one_buffer():
         for key in batch:
             assert got[key].dtype == batch[key].dtype and got[key].shape == batch[key].shape
             assert torch.equal(got[key], batch[key])
+        # int64 keys travel as int32 when they fit and `batch` is rebuilt from `ptr`: the rest are views of the buffer
+        for key in ("values", "attention_mask", "edge_weight", "big"):
             assert got[key].untyped_storage().data_ptr() == packed[0].untyped_storage().data_ptr()
     got["values"].fill_(-5.0)
     assert all(torch.equal(got[k], batch[k]) for k in batch if k != "values")
