@@ -39,9 +39,12 @@ def test_emit_block_equals_scipy_reference(monotone, dtype):
     ref = K.scipy_map_block(m, cmap, rows, G)
     for a, b in zip(got, ref):
         np.testing.assert_array_equal(a, b)
-    # take_rows (gather): reorder again and compare with scipy row indexing
+    # put_rows (gather's spilled rows): reorder again, widening uint16 spills, and compare with scipy row indexing
     order = rng.permutation(len(rows))
-    ip, ind, dat = K.take_rows(got[0], got[1].astype(np.uint16), got[2].astype(np.uint16), order)
+    ip = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(np.diff(got[0])[order], out=ip[1:])
+    ind, dat = np.empty(ip[-1], np.int32), np.empty(ip[-1], np.float32)
+    K.put_rows(got[0], got[1].astype(np.uint16), got[2].astype(np.uint16), order, ip[:-1], ind, dat)
     want = sp.csr_matrix((got[2], got[1], got[0]), shape=(len(rows), G))[order]
     np.testing.assert_array_equal(ip, want.indptr)
     np.testing.assert_array_equal(ind, want.indices)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import _DEBRUIJN, _DEBRUIJN_TABLE, HAVE_NUMBA, FLAG_NEGATIVE, FLAG_NONFINITE, FLAG_NONINTEGER, \
+from .kernels import HAVE_NUMBA, FLAG_NEGATIVE, FLAG_NONFINITE, FLAG_NONINTEGER, \
     FLAG_OVER_U16
 
 _VALUE_KINDS = {np.dtype(t) for t in (np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8,
@@ -66,7 +66,6 @@ def _layout(ds) -> ArrayLayout | None:
             return None
     except Exception:  # noqa: BLE001 - an unknown property list: do not take the fast path
         return None
-    isz = dt.itemsize
     off = ds.id.get_offset()
     if ds.chunks is None:
         if off is None:  # not yet allocated, compact, virtual...
@@ -208,11 +207,13 @@ def _scan_block(fd, d_off, d_chunk, dbuf, i_off, i_chunk, ibuf, indptr, cmap, n_
 
 
 def _read_rows(fd, d_off, d_chunk, dbuf, i_off, i_chunk, ibuf, indptr, rows, out_start, out_len, cmap, n_cols,
-               monotone, out_indices, out_data, debruijn, table):
+               monotone, out_indices, out_data):
     """Input rows `rows` → store columns, sorted, at out_start[o] (out_len[o] entries expected) of the out arrays.
 
-    Same per-row result as kernels._emit_block. Returns 0, -1 on a read error, 1 when a row's mapped length differs
-    from out_len (the input changed since the scatter stage).
+    Same per-row result as kernels._emit_block (the same map + bitmap sort, written out here rather than shared: numba's
+    on-disk cache does not notice changes to a jitted function called from another file, and this copy also checks
+    each row against out_len). Returns 0, -1 on a read error, 1 when a row's mapped length differs from out_len (the
+    input changed since the scatter stage).
     """
     d_isz = dbuf.itemsize
     i_isz = ibuf.itemsize
@@ -333,7 +334,7 @@ class OpenedSource:
         dbuf = np.empty(max(1, max_len), dtype=d.dtype)
         ibuf = np.empty(max(1, max_len), dtype=i.dtype)
         status = _read_rows(self.fd, d.offsets, d.chunk, dbuf, i.offsets, i.chunk, ibuf, indptr, rows, out_start,
-                            out_len, cmap, n_cols, monotone, out_indices, out_data, _DEBRUIJN, _DEBRUIJN_TABLE)
+                            out_len, cmap, n_cols, monotone, out_indices, out_data)
         if status < 0:
             raise OSError(f"{self.ds.path}: short read")
         return status

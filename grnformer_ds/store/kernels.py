@@ -54,15 +54,7 @@ def _count_block(indptr, indices, data, cmap):
     return row_len, lib, flags, total
 
 
-_DEBRUIJN = np.uint64(0x03F79D71B4CB0A89)
-_DEBRUIJN_TABLE = np.array([
-    0, 1, 48, 2, 57, 49, 28, 3, 61, 58, 50, 42, 38, 29, 17, 4, 62, 55, 59, 36, 53, 51, 43, 22, 45, 39, 33, 30, 24,
-    18, 12, 5, 63, 47, 56, 27, 60, 41, 37, 16, 54, 35, 52, 21, 44, 32, 23, 11, 46, 26, 40, 15, 34, 20, 31, 10, 25,
-    14, 19, 9, 13, 8, 7, 6], dtype=np.int64)
-
-
-def _emit_block(indptr, indices, data, cmap, rows, out_indptr, out_indices, out_data, n_cols, monotone,
-                debruijn, table):
+def _emit_block(indptr, indices, data, cmap, rows, out_indptr, out_indices, out_data, n_cols, monotone):
     """Write input rows `rows` (in that order) with store columns, sorted within each row, into the out arrays."""
     n_words = (n_cols >> 6) + 1
     bits = np.zeros(n_words, dtype=np.uint64)
@@ -97,24 +89,11 @@ def _emit_block(indptr, indices, data, cmap, rows, out_indptr, out_indices, out_
                 continue
             bits[w] = 0
             while word != 0:
-                low = word & (~word + one)  # lowest set bit
-                b = table[np.int64((low * debruijn) >> np.uint64(58))]
-                c = (w << 6) + b
+                c = (w << 6) + np.int64(_ctz(word))
                 out_indices[pos] = c
                 out_data[pos] = vals[c]
                 pos += 1
-                word ^= low
-
-
-def _take_rows(indptr, indices, data, order, out_indptr, out_indices, out_data):
-    """out row o = input row order[o] (CSR), widening the spill dtypes to the output dtypes while copying."""
-    for o in range(order.shape[0]):
-        r = order[o]
-        a = indptr[r]
-        b = out_indptr[o]
-        for t in range(indptr[r + 1] - a):
-            out_indices[b + t] = indices[a + t]
-            out_data[b + t] = data[a + t]
+                word &= word - one  # clear the lowest set bit
 
 
 def _put_rows(indptr, indices, data, rows, out_start, out_indices, out_data):
@@ -129,10 +108,11 @@ def _put_rows(indptr, indices, data, rows, out_start, out_indices, out_data):
 
 
 if HAVE_NUMBA:
+    from numba.cpython.unsafe.numbers import trailing_zeros as _ctz  # one tzcnt instruction
+
     _put_rows = numba.njit(cache=True, nogil=True)(_put_rows)
     _count_block = numba.njit(cache=True, nogil=True)(_count_block)
     _emit_block = numba.njit(cache=True, nogil=True)(_emit_block)
-    _take_rows = numba.njit(cache=True, nogil=True)(_take_rows)
 
 
 _POOL = None
@@ -169,7 +149,6 @@ def _run_split(kernel, rows: np.ndarray, out_indptr: np.ndarray, args_before: tu
     so the parts run truly in parallel and the result is identical to one call. Used by the row copies of both
     stages, whose other work (h5py reads, tensorstore writes) leaves a core idle with one worker process.
     """
-    global _POOL
     n_thr = _threads()
     nnz = int(out_indptr[-1])
     if n_thr <= 1 or nnz < _MIN_SPLIT_NNZ or len(rows) < 2 * n_thr:
@@ -221,24 +200,6 @@ def put_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np
     return 0
 
 
-def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, order: np.ndarray,
-              index_dtype=np.int32, value_dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows `order` of a CSR matrix given by its arrays, as new (indptr int64, indices, data) arrays."""
-    row_len = np.diff(indptr)[order]
-    out_indptr = np.zeros(len(order) + 1, dtype=np.int64)
-    np.cumsum(row_len, out=out_indptr[1:])
-    nnz = int(out_indptr[-1])
-    if not HAVE_NUMBA:
-        m = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, int(indices.max(initial=0)) + 1))
-        out = m[np.asarray(order, dtype=np.int64)]
-        return out_indptr, out.indices.astype(index_dtype), out.data.astype(value_dtype)
-    out_indices = np.empty(nnz, dtype=index_dtype)
-    out_data = np.empty(nnz, dtype=value_dtype)
-    _run_split(_take_rows, np.ascontiguousarray(order, dtype=np.int64), out_indptr, (indptr, indices, data),
-               (out_indices, out_data))
-    return out_indptr, out_indices, out_data
-
-
 def count_block(m: sp.csr_matrix, cmap: np.ndarray):
     """(row_len (n,) int64, lib (n,) float64, flags int, total counts float) of a CSR block under column map cmap."""
     if HAVE_NUMBA:
@@ -256,7 +217,7 @@ def emit_block(m: sp.csr_matrix, cmap: np.ndarray, rows: np.ndarray, row_len: np
     out_data = np.empty(nnz, dtype=value_dtype)
     if HAVE_NUMBA:
         _run_split(_emit_block, np.ascontiguousarray(rows, dtype=np.int64), out_indptr, (m.indptr, m.indices, m.data, cmap),
-                   (out_indices, out_data, n_cols, monotone, _DEBRUIJN, _DEBRUIJN_TABLE))
+                   (out_indices, out_data, n_cols, monotone))
         return out_indptr, out_indices, out_data
     ip, ind, dat = scipy_map_block(m, cmap, rows, n_cols)
     return ip, ind.astype(index_dtype), dat.astype(value_dtype)
