@@ -337,28 +337,63 @@ def test_errors_for_incomplete_store_and_missing_grn(tmp_path, store):
 
 
 
-def test_packed_batch_round_trip_is_views_of_one_buffer():
-    """Workers send a batch as one shared-memory buffer (packing.py); unpacked it equals the dict, key for key and in
-    order, with the same dtypes and shapes (int64 narrowed on the wire only when it fits; `batch` rebuilt from `ptr`),
-    and the other keys are non-overlapping views of one storage (an in-place edit touches one key only)."""
+def _wire_batch(n_cells, n_edges, seed):
+    g = torch.Generator().manual_seed(seed)
+    L = 6
+    return {"input_ids": torch.randint(0, 2 ** 20, (n_cells, L), generator=g), "values": torch.rand(n_cells, L),
+            "attention_mask": torch.rand(n_cells, L, generator=g) > 0.5,
+            "edge_index": torch.randint(0, n_cells * L, (2, n_edges), generator=g),
+            "edge_weight": torch.rand(n_edges, generator=g), "batch": torch.arange(n_cells).repeat_interleave(L),
+            "big": torch.tensor([2 ** 40, -3]), "ptr": torch.arange(n_cells + 1) * L, "empty": torch.zeros(0, 3)}
+
+
+def test_slot_ring_round_trip_reuse_and_ownership():
+    """Workers send batches through a ring of reusable shared-memory slots (packing.py). Unpacked, a batch equals the
+    worker's dict key for key, in order, with the same dtypes and shapes (int64 travels as int32 when it fits, `batch`
+    is rebuilt from `ptr`); a busy slot is never overwritten (a one-off buffer is used instead); a slot is reused once
+    the main process copied it out, and grows (re-announced) for a larger batch; the consumer's batch is its own
+    (refilling the slot does not change it) and its keys are non-overlapping views of one storage."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
     from torch.utils.data._utils.collate import default_convert
 
-    from grnformer_ds.data.packing import pack_batch, unpack_batch
+    from grnformer_ds.data.packing import BatchReceiver, BatchSender
 
-    batch = {"input_ids": torch.arange(24, dtype=torch.int64).view(4, 6), "values": torch.rand(4, 6),
-             "attention_mask": torch.rand(4, 6) > 0.5, "edge_index": torch.randint(0, 9, (2, 7)),
-             "edge_weight": torch.rand(7), "batch": torch.arange(4).repeat_interleave(6),
-             "big": torch.tensor([2 ** 40, -3]), "ptr": torch.tensor([0, 6, 12, 18, 24]), "empty": torch.zeros(0, 3)}
-    packed = pack_batch(batch)
-    assert packed[0].is_shared()
-    for sent in (packed, default_convert(packed)):  # what a DataLoader worker's batch_size=None path hands over
-        got = unpack_batch(sent)
-        assert list(got) == list(batch)
-        for key in batch:
-            assert got[key].dtype == batch[key].dtype and got[key].shape == batch[key].shape
-            assert torch.equal(got[key], batch[key])
-        # int64 keys travel as int32 when they fit and `batch` is rebuilt from `ptr`: the rest are views of the buffer
-        for key in ("values", "attention_mask", "edge_weight", "big"):
-            assert got[key].untyped_storage().data_ptr() == packed[0].untyped_storage().data_ptr()
-    got["values"].fill_(-5.0)
-    assert all(torch.equal(got[k], batch[k]) for k in batch if k != "values")
+    def wire(msg):  # what the DataLoader does to a worker's batch_size=None output, then the queue's pickling
+        assert default_convert(msg) is msg
+        return pickle.loads(ForkingPickler.dumps(msg))
+
+    def check(got, want):
+        assert list(got) == list(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+            assert torch.equal(got[key], want[key]), key
+
+    sender, receiver = BatchSender(n_slots=2), BatchReceiver()
+    b = [_wire_batch(4, 7, 0), _wire_batch(3, 5, 1), _wire_batch(4, 9, 2), _wire_batch(4, 6, 3),
+         _wire_batch(40, 300, 4)]
+    m0 = sender.pack(b[0])
+    assert (m0.slot, m0.generation) == (0, 1) and m0.storage is not None and m0.flags is not None
+    m1 = sender.pack(b[1])
+    assert m1.slot == 1 and m1.storage is not None and m1.flags is None
+    m2 = sender.pack(b[2])  # both slots held by the main process: one-off buffer, the slots are left alone
+    assert m2.slot == -1 and sender.one_off == 1
+    got0 = receiver.unpack(wire(m0))
+    check(got0, b[0])
+    m3 = sender.pack(b[3])  # slot 0 is free again and big enough: reused, not re-sent
+    assert (m3.slot, m3.generation, m3.storage) == (0, 1, None)
+    check(got0, b[0])  # the slot was refilled; the consumer's copy is untouched
+    check(receiver.unpack(wire(m1)), b[1])
+    check(receiver.unpack(wire(m2)), b[2])
+    check(receiver.unpack(wire(m3)), b[3])
+    m4 = sender.pack(b[4])  # larger than slot 1: reallocated, new generation, storage re-sent
+    assert m4.slot == 1 and m4.generation == 2 and m4.storage is not None
+    got4 = receiver.unpack(wire(m4))
+    check(got4, b[4])
+    assert sender.flags.tolist() == [0, 0]  # every slot released
+    storage = got4["values"].untyped_storage().data_ptr()
+    for key in ("input_ids", "values", "attention_mask", "edge_index", "edge_weight", "big", "ptr"):
+        assert got4[key].untyped_storage().data_ptr() == storage, key  # one allocation per batch
+    got4["values"].fill_(-5.0)
+    assert all(torch.equal(got4[k], b[4][k]) for k in b[4] if k != "values")

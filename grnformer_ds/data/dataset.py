@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserInputError
 from .cells import CellRows
 from .graphs import GraphBuilder
-from .packing import pack_batch, unpack_batch
+from .packing import BatchReceiver, BatchSender
 from .readers import StoreReader
 from .row_gather import gather_spans
 from .sampler import EpochPlan, batch_rng
@@ -132,6 +132,7 @@ class StreamingCellDataset(IterableDataset):
         self.epoch = 0
         self._consumed = 0  # batches of `self.epoch` already handed out
         self._managed = False  # set by StatefulCellLoader, which keeps `_consumed` current for worker processes
+        self._ring_slots = 4  # shared-memory slots per worker (`packing`), set by StatefulCellLoader
         self._cache: OrderedDict[int, CellRows] = OrderedDict()
 
     def __getstate__(self):
@@ -266,15 +267,22 @@ class StreamingCellDataset(IterableDataset):
         plan = self.plan()
         # this worker's open buffers: one per run it serves (+1 for a batch straddling two buffers)
         self._cache_blocks = self.buffer_blocks * (-(-plan.lanes // n_workers) + 1)
+        # a managed worker sends batches through reusable shared-memory slots; the loader copies them out
+        sender = BatchSender(self._ring_slots) if info is not None and self._managed else None
         for step in range(self._consumed + worker, plan.n_steps, n_workers):
             out = self.batch(step, plan)
             if info is None:
                 self._consumed = step + 1  # before yielding: a checkpoint taken now must not replay this batch
-            elif self._managed:
-                out = pack_batch(out)  # one shared-memory segment instead of one per tensor; unpacked by the loader
+            elif sender is not None:
+                out = sender.pack(out)
             yield out
         if info is None:
             self._end_epoch(plan)
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
 class StatefulCellLoader:
@@ -282,6 +290,9 @@ class StatefulCellLoader:
     with several workers (the dataset object in the main process never sees the workers' batches).
 
     ``state_dict()`` after consuming k batches resumes at batch k+1 even though workers have prefetched further.
+    With workers, batches come through a ring of reusable shared-memory slots per worker (`packing`) and are copied
+    out, into pinned memory with ``pin_memory`` (in place of the DataLoader's pin-memory thread), before they are
+    yielded: the consumer owns every batch it gets.
     """
 
     def __init__(self, dataset: StreamingCellDataset, num_workers: int = 0, pin_memory: bool = False,
@@ -300,7 +311,14 @@ class StatefulCellLoader:
             # instead of re-importing torch each. No effect once the server is running.
             multiprocessing.set_forkserver_preload(["torch", "grnformer_ds.data"])
             kwargs["multiprocessing_context"] = "forkserver"
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory,
+        if self.num_workers:
+            prefetch_factor = 2 if prefetch_factor is None else int(prefetch_factor)  # the DataLoader's default
+            # a worker holds at most prefetch_factor batches the main process has not received + the one it copies
+            dataset._ring_slots = prefetch_factor + 2
+        # with workers the receiver pins (the DataLoader would pin the slot message, not the batch)
+        self.pin_memory = bool(pin_memory) and self.num_workers > 0 and _has_accelerator()
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                 pin_memory=bool(pin_memory) and not self.num_workers,
                                  prefetch_factor=prefetch_factor if self.num_workers else None, **kwargs)
 
     def __len__(self) -> int:
@@ -311,9 +329,10 @@ class StatefulCellLoader:
             yield from self.loader
             return
         plan = self.dataset.plan()
+        receiver = BatchReceiver(pin_memory=self.pin_memory)
         for out in self.loader:
             self.dataset._advance()
-            yield unpack_batch(out)
+            yield receiver.unpack(out)
         self.dataset._end_epoch(plan)
 
     def set_epoch(self, epoch: int) -> None:
