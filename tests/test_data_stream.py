@@ -238,9 +238,10 @@ def test_exact_mid_epoch_resume(store, num_workers):
         loader = StatefulCellLoader(ds, num_workers=num_workers)
         out = []
         for b in loader:
-            out.append(b)
+            out.append(b)  # kept while the workers refill their shared-memory slots: the batches are ours
             if n is not None and len(out) == n:
                 break
+        assert loader.one_off_batches == 0  # every batch came through a worker's slot ring
         return out, loader.state_dict()
 
     full = _ds(store, batch_size=8, edge_perturbation=0.5)

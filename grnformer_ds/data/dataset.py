@@ -299,6 +299,7 @@ class StatefulCellLoader:
                  prefetch_factor: int | None = None, **kwargs):
         self.dataset = dataset
         self.num_workers = int(num_workers)
+        self.one_off_batches = 0  # batches that missed the workers' slot rings (`packing`; 0 expected)
         dataset._managed = True
         if kwargs.get("persistent_workers"):
             raise UserInputError("persistent_workers=True would keep stale data positions in the workers")
@@ -332,6 +333,7 @@ class StatefulCellLoader:
         receiver = BatchReceiver(pin_memory=self.pin_memory)
         for out in self.loader:
             self.dataset._advance()
+            self.one_off_batches += out.slot < 0
             yield receiver.unpack(out)
         self.dataset._end_epoch(plan)
 
