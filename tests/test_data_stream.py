@@ -267,6 +267,15 @@ def test_exact_mid_epoch_resume(store, num_workers):
             assert torch.equal(x[k], y[k]), k
 
 
+def test_stateful_loader_refuses_settings_that_break_the_position(store):
+    from grnformer_ds.data import StatefulCellLoader
+
+    with pytest.raises(UserInputError, match="persistent_workers"):
+        StatefulCellLoader(_ds(store, graphs=False), num_workers=2, persistent_workers=True)
+    with pytest.raises(UserInputError, match="in_order"):
+        StatefulCellLoader(_ds(store, graphs=False), num_workers=2, in_order=False)
+
+
 def test_resume_refuses_mismatched_settings(store):
     state = _ds(store, graphs=False).state_dict()
     with pytest.raises(UserInputError, match="batch_size"):

@@ -303,6 +303,9 @@ class StatefulCellLoader:
         dataset._managed = True
         if kwargs.get("persistent_workers"):
             raise UserInputError("persistent_workers=True would keep stale data positions in the workers")
+        if kwargs.get("in_order", True) is False:
+            raise UserInputError("in_order=False would hand batches out of step order: the position (state_dict) "
+                                 "and exact resume need them in order")
         if self.num_workers and "multiprocessing_context" not in kwargs and dataset.reader.backend == "tensorstore":
             # tensorstore aborts a process forked after its thread pool started (any earlier read in this process):
             # workers come from a clean forkserver instead.
