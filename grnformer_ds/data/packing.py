@@ -88,14 +88,15 @@ def _aligned(offset: int) -> int:
 
 
 def _wire(batch: dict[str, torch.Tensor]):
-    """(key, tensor to send, final dtype) per sent key; ``batch`` is dropped when ``ptr`` rebuilds it."""
+    """(key, tensor, wire dtype, final dtype) per sent key; ``batch`` is dropped when ``ptr`` rebuilds it. The tensor
+    is narrowed to the wire dtype while it is copied into the slot (``copy_`` converts), not before."""
     for key, value in batch.items():
         if key == "batch" and "ptr" in batch:
             continue
         if value.dtype == torch.int64 and value.numel() and _I32.min <= int(value.min()) and int(value.max()) <= _I32.max:
-            yield key, value.to(torch.int32), torch.int64
+            yield key, value, torch.int32, torch.int64
         else:
-            yield key, value, value.dtype
+            yield key, value, value.dtype, value.dtype
 
 
 def _copy_in(buf: torch.Tensor, layout, sent) -> None:
@@ -131,11 +132,11 @@ class BatchSender:
 
     def pack(self, batch: dict[str, torch.Tensor]) -> SlotMessage:
         layout, sent, size = [], [], 0
-        for key, value, final in _wire(batch):
+        for key, value, wire, final in _wire(batch):
             start = _aligned(size)
-            layout.append((key, value.dtype, tuple(value.shape), start, final))
+            layout.append((key, wire, tuple(value.shape), start, final))
             sent.append(value)
-            size = start + value.numel() * value.element_size()
+            size = start + value.numel() * wire.itemsize
         flags = None if self._flags_sent else self.flags
         self._flags_sent = True
         s = self._free_slot()
