@@ -58,12 +58,3 @@ def partition_numpy(n: int, n_mask: int, n_drop: int, uniforms: np.ndarray) -> n
         state[perm[pos]] = DROPPED
     return state
 
-
-def apply_mask(values: np.ndarray, masked: np.ndarray, mask_value: float) -> tuple[np.ndarray, np.ndarray]:
-    """Mask ``values[masked]``. values: (n,) float32. Returns (masked values (n,), labels (n,) = target at masked
-    positions, ``IGNORE_INDEX`` elsewhere), both float32."""
-    labels = np.full(values.shape, IGNORE_INDEX, dtype=np.float32)
-    labels[masked] = values[masked]
-    out = values.astype(np.float32, copy=True)
-    out[masked] = mask_value
-    return out, labels

@@ -93,10 +93,12 @@ def _wire(batch: dict[str, torch.Tensor]):
     for key, value in batch.items():
         if key == "batch" and "ptr" in batch:
             continue
-        if value.dtype == torch.int64 and value.numel() and _I32.min <= int(value.min()) and int(value.max()) <= _I32.max:
-            yield key, value, torch.int32, torch.int64
-        else:
-            yield key, value, value.dtype, value.dtype
+        if value.dtype == torch.int64 and value.numel():
+            lo, hi = torch.aminmax(value)  # one pass over the tensor
+            if _I32.min <= int(lo) and int(hi) <= _I32.max:
+                yield key, value, torch.int32, torch.int64
+                continue
+        yield key, value, value.dtype, value.dtype
 
 
 def _copy_in(buf: torch.Tensor, layout, sent) -> None:
@@ -119,7 +121,7 @@ class BatchSender:
         self._announced = [False] * n_slots
         self._flags_sent = False
         self._next = 0
-        self.one_off = 0  # batches that found no free slot (tests and benchmarks read this)
+        self.one_off = 0  # batches that found no free slot (the loader counts them too: `SlotMessage.slot` is -1)
 
     def _free_slot(self) -> int:
         n = len(self._slots)

@@ -200,10 +200,6 @@ class H5adSource:
         return col.rename_categories([str(c) for c in col.categories])
 
     # -- X ------------------------------------------------------------------------------------------------------
-    def nnz_upto(self, row: int) -> int:
-        """Stored entries before `row` (CSR only; used to size blocks)."""
-        return int(self._indptr[row])
-
     def read_rows(self, r0: int, r1: int) -> sp.csr_matrix:
         """Rows ``[r0, r1)`` as a CSR matrix of shape (r1 - r0, n_vars), duplicates summed.
 

@@ -288,6 +288,3 @@ def _split_units(src: H5adSource, opts: BuildOptions) -> list[tuple[int, int]]:
         step = max(1, min(n, int(n * (4 * opts.block_nnz) / total)))
     return [(r, min(n, r + step)) for r in range(0, n, step)]
 
-
-def discard_work(store: str | Path) -> None:
-    shutil.rmtree(work_path(store), ignore_errors=True)
