@@ -41,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("schedule and batch (one source of truth with the DeepSpeed JSON)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 100 demo / 10000)")
-    g.add_argument("--micro-batch-size", type=int, default=None, help="cells per rank per micro-batch (default: JSON or 8)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="token budget of a packed micro-batch per rank: whole cells back to back, no padding (the "
+                        "default layout; default budget: 32 longest cells on GPU, 2 on CPU)")
+    g.add_argument("--pad-to-max-tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="pad every packed micro-batch to exactly --max-tokens (static shapes; default: with --compile)")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="cells per rank per micro-batch: selects padded batches instead of packing (or set "
+                        "train_micro_batch_size_per_gpu in the JSON)")
     g.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default: JSON or 1)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 demo / 1e-4)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of max-steps)")
@@ -69,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLflow tracking URI (default sqlite:///<output-dir>/mlflow.db); 'none' disables MLflow")
     g.add_argument("--experiment-name", default="grnformer_ds", help="MLflow experiment (grnformer_ds)")
     g.add_argument("--run-name", default=None, help="MLflow run name")
+
+    g = p.add_argument_group("kernels")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (DeepSpeed's engine.compile; DeepCompile when the JSON enables it)")
+    g.add_argument("--attn-implementation", default=None, choices=("eager", "sdpa", "varlen", "flash_attention_2"),
+                   help="attention kernel (default: varlen on GPU for models without attention dropout, else "
+                        "flash_attention_2 when installed, else sdpa)")
 
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",

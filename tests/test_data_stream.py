@@ -18,22 +18,30 @@ N_GENES = 40
 CELL_TYPES = ["B", "T", "NK"]
 
 
-def make_store(root: Path, n_cells: int = 203, shard_sizes=(120, 83), grn: bool = True, seed: int = 0) -> Path:
+def make_store(root: Path, n_cells: int = 203, shard_sizes=(120, 83), grn: bool = True, seed: int = 0,
+               n_genes: int = N_GENES, genes_per_cell: tuple[int, int] | None = None) -> Path:
     """A complete store (DESIGN.md sections 1-2) written with the store and GRN writers: Poisson counts over 40
-    genes, 3 cell types, 6 regulons, a cell-type GRN per type and a co-expression graph."""
+    genes, 3 cell types, 6 regulons, a cell-type GRN per type and a co-expression graph. With ``genes_per_cell``
+    (lo, hi): ``n_genes`` genes and each cell expresses a uniform number in [lo, hi] of them (no GRN)."""
     from grnformer_ds.store.manifest import write_manifest
     from grnformer_ds.store.vocab import vocab_sha256
     from grnformer_ds.store.writer import write_shard
 
     rng = np.random.default_rng(seed)
-    genes = [f"G{j:03d}" for j in range(N_GENES)]
+    genes = [f"G{j:04d}" if n_genes > 1000 else f"G{j:03d}" for j in range(n_genes)]
     vocab = {"<pad>": 0, "<cls>": 1, "<eoc>": 2} | {g: j + 3 for j, g in enumerate(genes)}
     root.mkdir(parents=True, exist_ok=True)
     (root / "vocab.json").write_text(json.dumps(vocab))
-    x = rng.poisson(rng.gamma(0.5, 3.0, size=(n_cells, N_GENES))).astype(np.float32)
+    if genes_per_cell is None:
+        x = rng.poisson(rng.gamma(0.5, 3.0, size=(n_cells, n_genes))).astype(np.float32)
+    else:
+        assert not grn, "the hand-made GRN covers the 40-gene stores"
+        x = np.zeros((n_cells, n_genes), np.float32)
+        for row, k in zip(x, rng.integers(genes_per_cell[0], genes_per_cell[1] + 1, n_cells)):
+            row[rng.choice(n_genes, k, replace=False)] = 1 + rng.poisson(2.0, k)
     x[:, 0] += 1
     ctype = rng.integers(0, len(CELL_TYPES), n_cells)
-    var = pd.DataFrame({"token_id": np.arange(N_GENES, dtype=np.int32) + 3}, index=pd.Index(genes))
+    var = pd.DataFrame({"token_id": np.arange(n_genes, dtype=np.int32) + 3}, index=pd.Index(genes))
     shards, offset = [], 0
     for i, n in enumerate(shard_sizes):
         rows = slice(offset, offset + n)
@@ -52,7 +60,7 @@ def make_store(root: Path, n_cells: int = 203, shard_sizes=(120, 83), grn: bool 
     assert offset == n_cells
     write_manifest(root, {
         "format": "grnformer_ds.store", "schema_version": 1, "complete": True, "n_cells": n_cells,
-        "n_genes": N_GENES, "nnz": int((x > 0).sum()), "vocab_size": N_GENES + 3,
+        "n_genes": n_genes, "nnz": int((x > 0).sum()), "vocab_size": n_genes + 3,
         "special_tokens": {"<pad>": 0, "<cls>": 1, "<eoc>": 2}, "vocab_sha256": vocab_sha256(vocab),
         "cell_type_key": "ct",
         "cell_types": CELL_TYPES, "shards": shards, "inputs": [], "seed": 0, "created_utc": "now", "assets": {}})
@@ -114,7 +122,8 @@ def store(tmp_path_factory) -> Path:
 def _ds(store, **kw):
     from grnformer_ds.data import StreamingCellDataset
 
-    kw.setdefault("batch_size", 16)
+    if "max_tokens" not in kw:
+        kw.setdefault("batch_size", 16)
     kw.setdefault("seed", 0)
     kw.setdefault("block_size", 16)  # several blocks and buffers even in a 203-cell store
     kw.setdefault("buffer_blocks", 3)
@@ -230,9 +239,26 @@ def test_eval_split_is_held_out_and_fixed(store):
     assert len(_ds(store, split="all", graphs=False, drop_last=False)) == -(-203 // 16)
 
 
+def _same(x, y):
+    assert x.keys() == y.keys()
+    for k in x:
+        if isinstance(x[k], torch.Tensor):
+            assert torch.equal(x[k], y[k]), k
+        else:
+            assert x[k] == y[k], k
+
+
+LAYOUTS = {"padded": dict(batch_size=8), "packed": dict(max_tokens=200, graph_layout="csr", max_seq_len=30)}
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_exact_mid_epoch_resume(store, num_workers):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_exact_mid_epoch_resume(store, num_workers, layout):
+    """Padded and token-packed batches alike: stop after 5 batches, resume from the JSON'd state with 0 or 2
+    workers, and the batches (masks, perturbed edges, packing) equal the uninterrupted in-process run's."""
     from grnformer_ds.data import StatefulCellLoader
+
+    kw = dict(LAYOUTS[layout], edge_perturbation=0.5)
 
     def run(ds, n=None):
         loader = StatefulCellLoader(ds, num_workers=num_workers)
@@ -244,16 +270,16 @@ def test_exact_mid_epoch_resume(store, num_workers):
         assert loader.one_off_batches == 0  # every batch came through a worker's slot ring
         return out, loader.state_dict()
 
-    full = _ds(store, batch_size=8, edge_perturbation=0.5)
+    full = _ds(store, **kw)
     full.set_epoch(2)
     reference = list(full)  # in-process: batches are a function of (seed, epoch, batch index) only
     reference += list(full)[:2]  # continues into epoch 3
 
-    first = _ds(store, batch_size=8, edge_perturbation=0.5)
+    first = _ds(store, **kw)
     first.set_epoch(2)
     head, state = run(first, n=5)
     assert state["epoch"] == 2 and state["batches_consumed"] == 5
-    resumed = _ds(store, batch_size=8, edge_perturbation=0.5)
+    resumed = _ds(store, **kw)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
     resumed.set_epoch(2)  # trainer re-entering the epoch keeps the position
     tail, state = run(resumed)
@@ -262,9 +288,7 @@ def test_exact_mid_epoch_resume(store, num_workers):
     got = head + tail
     assert len(got) == len(reference)
     for x, y in zip(got, reference):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert torch.equal(x[k], y[k]), k
+        _same(x, y)
 
 
 def test_stateful_loader_refuses_settings_that_break_the_position(store):
@@ -354,11 +378,12 @@ def _wire_batch(n_cells, n_edges, seed):
             "attention_mask": torch.rand(n_cells, L, generator=g) > 0.5,
             "edge_index": torch.randint(0, n_cells * L, (2, n_edges), generator=g),
             "edge_weight": torch.rand(n_edges, generator=g), "batch": torch.arange(n_cells).repeat_interleave(L),
-            "big": torch.tensor([2 ** 40, -3]), "ptr": torch.arange(n_cells + 1) * L, "empty": torch.zeros(0, 3)}
+            "big": torch.tensor([2 ** 40, -3]), "ptr": torch.arange(n_cells + 1) * L, "empty": torch.zeros(0, 3),
+            "max_length_q": L + seed, "graph_layout": "csr"}
 
 
 def test_slot_ring_round_trip_reuse_and_ownership():
-    """Workers send batches through a ring of reusable shared-memory slots (packing.py). Unpacked, a batch equals the
+    """Workers send batches through a ring of reusable shared-memory slots (worker_transport.py). Unpacked, a batch equals the
     worker's dict key for key, in order, with the same dtypes and shapes (int64 travels as int32 when it fits, `batch`
     is rebuilt from `ptr`); a busy slot is never overwritten (a one-off buffer is used instead); a slot is reused once
     the main process copied it out, and grows (re-announced) for a larger batch; the consumer's batch is its own
@@ -368,7 +393,7 @@ def test_slot_ring_round_trip_reuse_and_ownership():
 
     from torch.utils.data._utils.collate import default_convert
 
-    from grnformer_ds.data.packing import BatchReceiver, BatchSender
+    from grnformer_ds.data.worker_transport import BatchReceiver, BatchSender
 
     def wire(msg):  # what the DataLoader does to a worker's batch_size=None output, then the queue's pickling
         assert default_convert(msg) is msg
@@ -377,6 +402,9 @@ def test_slot_ring_round_trip_reuse_and_ownership():
     def check(got, want):
         assert list(got) == list(want)
         for key in want:
+            if not isinstance(want[key], torch.Tensor):  # plain values ride in the message
+                assert got[key] == want[key] and type(got[key]) is type(want[key]), key
+                continue
             assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
             assert torch.equal(got[key], want[key]), key
 
@@ -406,4 +434,4 @@ def test_slot_ring_round_trip_reuse_and_ownership():
     for key in ("input_ids", "values", "attention_mask", "edge_index", "edge_weight", "big", "ptr"):
         assert got4[key].untyped_storage().data_ptr() == storage, key  # one allocation per batch
     got4["values"].fill_(-5.0)
-    assert all(torch.equal(got4[k], b[4][k]) for k in b[4] if k != "values")
+    assert all(torch.equal(got4[k], b[4][k]) for k in b[4] if k != "values" and isinstance(b[4][k], torch.Tensor))

@@ -1,7 +1,8 @@
 """End-to-end tests of the user's main command, `deepspeed launchers/pretrain.py --deepspeed_config ...`, on the
-real demo store (built once per session, with GRN graphs): 1 and 2 ranks, ZeRO-3 / ZeRO-2 / ZeRO-3 offload, loss
-decrease, kill -9 + --resume, MLflow read back from a real `mlflow server`, export → offline reload in a fresh
-process, and one-line errors for bad input."""
+real demo store (built once per session, with GRN graphs): 1 and 2 ranks, token-packed micro-batches (the default,
+`--max-tokens`) and padded ones (`--micro-batch-size`), ZeRO-3 / ZeRO-2 / ZeRO-3 offload, loss decrease, kill -9 +
+--resume, MLflow read back from a real `mlflow server`, export → offline reload in a fresh process, and one-line
+errors for bad input."""
 from __future__ import annotations
 
 import json
@@ -113,6 +114,7 @@ def reference_run(demo_cache, mlflow_server, tmp_path_factory):
 def test_main_command_trains_on_demo_graphs_and_loss_decreases(reference_run):
     out, p = reference_run
     assert "ZeRO stage 3, bf16" in p.stdout and "graphs True" in p.stdout, p.stdout
+    assert "batch: packed micro-batches of <= 2400 tokens" in p.stdout, p.stdout  # 2 x the longest cell on CPU
     m = _metrics(out)
     assert [x["step"] for x in m] == list(range(1, STEPS + 1))
     losses = [x["loss"] for x in m]
@@ -139,7 +141,8 @@ def test_mlflow_run_read_back_from_server(reference_run, mlflow_server):
     run = runs[0]
     params = run.data.params
     assert params["ds.zero_optimization.stage"] == "3" and params["ds.bf16.enabled"] == "true"
-    assert params["ds.train_micro_batch_size_per_gpu"] == "8" and params["store.n_cells"] == "700"
+    assert params["ds.train_micro_batch_size_per_gpu"] == "1" and params["run.batch.max_tokens"] == "2400"
+    assert params["store.n_cells"] == "700"
     assert params["model.hidden_size"] == "32" and params["run.preset"] == "debug"
     history = client.get_metric_history(run.info.run_id, "loss")
     m = _metrics(out)
@@ -149,7 +152,10 @@ def test_mlflow_run_read_back_from_server(reference_run, mlflow_server):
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "hf_model")}
     assert "hf_model/model.safetensors" in arts and "hf_model/config.json" in arts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "configs")} >= {
-        "configs/ds_config.resolved.json", "configs/model_config.json", "configs/vocab.json"}
+        "configs/ds_config.resolved.json", "configs/run_settings.resolved.json", "configs/model_config.json",
+        "configs/vocab.json"}
+    resolved = json.load(open(os.path.join(out, "run_settings.resolved.json")))
+    assert resolved["packed"] and resolved["batch.max_tokens"] == 2400 and resolved["attn_implementation"] == "sdpa"
 
 
 def test_kill9_then_resume_reproduces_the_uninterrupted_run(reference_run, demo_cache, tmp_path):
@@ -196,20 +202,24 @@ _RELOAD = textwrap.dedent("""
     from transformers import AutoModelForMaskedLM
     model = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True, local_files_only=True).eval()
     assert not type(model).__module__.startswith("grnformer_ds"), type(model).__module__
-    batch = torch.load(sys.argv[2])
+    got = []
     with torch.no_grad():
-        out = model(**batch)
-    torch.save({"predictions": out.predictions, "cell_embedding": out.cell_embedding, "loss": out.loss}, sys.argv[3])
+        for batch in torch.load(sys.argv[2]):
+            out = model(**batch)
+            got.append({"predictions": out.predictions, "cell_embedding": out.cell_embedding, "loss": out.loss})
+    torch.save(got, sys.argv[3])
 """)
 
 
-def _eval_batches(store, world_size: int, n: int) -> list[list[dict]]:
-    """The held-out batches each rank evaluates on (same settings as the launcher's)."""
+def _eval_batches(store, world_size: int, n: int, max_tokens: int | None = 2400) -> list[list[dict]]:
+    """The held-out batches each rank evaluates on (same settings as the launcher's: packed, CSR graphs); padded
+    batches of 8 cells with ``max_tokens=None``."""
     from grnformer_ds.data import StreamingCellDataset
 
     out = []
+    layout = dict(batch_size=8) if max_tokens is None else dict(max_tokens=max_tokens, graph_layout="csr")
     for r in range(world_size):
-        ds = StreamingCellDataset(store, batch_size=8, seed=0, rank=r, world_size=world_size, split="eval")
+        ds = StreamingCellDataset(store, seed=0, rank=r, world_size=world_size, split="eval", **layout)
         it, got = iter(ds), []
         while len(got) < n:
             try:
@@ -234,11 +244,12 @@ def test_export_reloads_offline_in_a_fresh_process_with_identical_outputs(refere
     ck = os.path.join(out, "checkpoints")
     ref_model = GRNFormerForMaskedLM(GRNFormerConfig.from_json_file(os.path.join(ck, "model_config.json")))
     ref_model.load_state_dict(consolidate_fp32(ck), strict=True)
-    batch = _eval_batches(os.path.join(demo_cache, "demo_store"), 1, 1)[0][0]
-    assert batch["cell_edge_index"].shape[1] > 0  # the comparison covers the GRN path too
+    store = os.path.join(demo_cache, "demo_store")
+    padded, packed = _eval_batches(store, 1, 1, max_tokens=None)[0][0], _eval_batches(store, 1, 1)[0][0]
+    assert padded["cell_edge_index"].shape[1] > 0  # the comparison covers the GRN path too
     with torch.no_grad():
-        ref = ref_model.eval()(**batch)
-    torch.save(batch, tmp_path / "batch.pt")
+        refs = [ref_model.eval()(**b) for b in (padded, packed)]
+    torch.save([padded, packed], tmp_path / "batch.pt")
     fake = tmp_path / "fake" / "grnformer_ds"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('grnformer_ds must not be needed to load the export')\n")
@@ -250,9 +261,10 @@ def test_export_reloads_offline_in_a_fresh_process_with_identical_outputs(refere
                        timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "got.pt")
-    assert torch.equal(got["predictions"], ref.predictions)
-    assert torch.equal(got["cell_embedding"], ref.cell_embedding)
-    assert torch.equal(got["loss"], ref.loss)
+    for key in ("predictions", "cell_embedding", "loss"):  # padded: bit for bit
+        assert torch.equal(got[0][key], getattr(refs[0], key)), key
+    for key in ("predictions", "cell_embedding", "loss"):  # packed: the GEMMs' blocking follows the buffers' alignment
+        torch.testing.assert_close(got[1][key], getattr(refs[1], key), rtol=1e-6, atol=1e-5)
 
 
 def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_path):
@@ -261,12 +273,15 @@ def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_p
     out = str(tmp_path / "run")
     p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
               "--max-steps", "6", "--eval-every", "6", "--save-every", "6", "--no-progress", "--no-export",
-              "--mlflow-tracking-uri", "none"], ranks=2)
-    assert "2 rank(s)" in p.stdout
+              "--mlflow-tracking-uri", "none", "--max-tokens", "3000"], ranks=2)
+    assert "2 rank(s)" in p.stdout and "packed micro-batches of <= 3000 tokens" in p.stdout
     m = _metrics(out)
     assert [x["step"] for x in m] == list(range(1, 7))
     state = json.load(open(os.path.join(out, "checkpoints", "global_step6", "trainer_state.json")))
-    assert state["world_size"] == 2 and state["cells_seen"] == 6 * 8 * 2
+    assert state["world_size"] == 2 and state["max_tokens"] == 3000
+    # both ranks' cells of every step: ~11 demo cells of ~250 tokens fill 3,000 tokens
+    assert state["cells_seen"] == round(sum(x["cells_per_s"] * x["step_time_s"] for x in m))
+    assert 6 * 2 * 9 <= state["cells_seen"] <= 6 * 2 * 14
     hf = str(tmp_path / "hf")
     e = subprocess.run([sys.executable, os.path.join(REPO, "launchers", "export_hf.py"), "--checkpoint", out,
                         "--out", hf], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
@@ -274,20 +289,26 @@ def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_p
     from transformers import AutoModelForMaskedLM
 
     model = AutoModelForMaskedLM.from_pretrained(hf, trust_remote_code=True).eval()
-    losses = []
+    sse, count = 0.0, 0  # the trainer's evaluation: all squared errors over all masked positions of both ranks
     with torch.no_grad():
-        for rank_batches in _eval_batches(os.path.join(demo_cache, "demo_store"), 2, 4):
-            losses += [model(**b).loss.item() for b in rank_batches]
-    assert sum(losses) / len(losses) == pytest.approx(m[-1]["eval_loss"], rel=3e-2)
+        for rank_batches in _eval_batches(os.path.join(demo_cache, "demo_store"), 2, 4, max_tokens=3000):
+            for b in rank_batches:
+                sse += model(**b, num_items_in_batch=torch.tensor(1.0)).loss.item()
+                count += int((b["labels"] != -100).sum())
+    assert sse / count == pytest.approx(m[-1]["eval_loss"], rel=3e-2)
 
 
-def test_two_ranks_zero2(demo_cache, tmp_path):
+def test_two_ranks_zero2_padded_batches(demo_cache, tmp_path):
+    """The padded layout through the card's command: --micro-batch-size selects it."""
     out = str(tmp_path / "run")
     p = _run(["--deepspeed_config", CFG["zero2"], "--demo-cache-dir", demo_cache, "--output-dir", out,
               "--max-steps", "3", "--save-every", "3", "--eval-every", "3", "--no-progress", "--no-export",
-              "--mlflow-tracking-uri", "none"], ranks=2)
-    assert "2 rank(s) on cpu, ZeRO stage 2" in p.stdout
-    assert len(_metrics(out)) == 3
+              "--mlflow-tracking-uri", "none", "--micro-batch-size", "8"], ranks=2)
+    assert "2 rank(s) on cpu, ZeRO stage 2" in p.stdout and "micro batch 8 cells (padded)" in p.stdout
+    m = _metrics(out)
+    assert len(m) == 3 and all(x["padding_fraction"] > 0 for x in m)
+    state = json.load(open(os.path.join(out, "checkpoints", "global_step3", "trainer_state.json")))
+    assert state["cells_seen"] == 3 * 8 * 2
     assert os.path.isfile(os.path.join(out, "checkpoints", "global_step3", "COMPLETE"))
 
 

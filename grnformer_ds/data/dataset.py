@@ -13,15 +13,25 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import UserInputError
 from .cells import CellRows
 from .graphs import GraphBuilder
-from .packing import BatchReceiver, BatchSender
+from .packing import PackedEpochPlan
 from .readers import StoreReader
 from .row_gather import gather_spans
 from .sampler import EpochPlan, batch_rng
+from .worker_transport import BatchReceiver, BatchSender
 from .scfoundation_collator import ScFoundationCollator
 from .scgpt_collator import ScGPTCollator
 
 SPLITS = ("train", "eval", "all")
 BACKBONES = ("scgpt", "scfoundation")
+COLLATORS = {"scgpt": ScGPTCollator, "scfoundation": ScFoundationCollator}
+DEFAULT_MAX_SEQ_LEN = 1200
+
+
+def longest_cell_tokens(backbone: str, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> int:
+    """Tokens of the longest cell a packed micro-batch can hold for this backbone (the least ``max_tokens``)."""
+    if backbone not in COLLATORS:
+        raise UserInputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    return COLLATORS[backbone].longest_cell(max_seq_len)
 
 
 def split_range(n_cells: int, split: str, eval_fraction: float) -> tuple[int, int]:
@@ -45,12 +55,16 @@ def split_range(n_cells: int, split: str, eval_fraction: float) -> tuple[int, in
 class StreamingCellDataset(IterableDataset):
     """Streams tokenized, masked cells with per-cell multi-scale GRN graphs from a grnformer_ds store.
 
+    Two batch layouts (DESIGN.md section 3): ``batch_size=B`` gives padded (B, L) batches of B cells;
+    ``max_tokens=N`` gives token-packed micro-batches: whole cells back to back in one (1, T <= N) row with varlen
+    keys (``cu_seq_lens_q/k``, ``max_length_q/k``), as many cells as fit (`packing`).
+
     Pipeline, per batch (DESIGN.md sections 1-3):
 
-    1. plan (`sampler.EpochPlan`): block shuffle of the split's cells for (seed, epoch), partition over ranks, equal
-       number of batches per rank (``drop_last`` drops the epoch's tail, otherwise it pads by repeating cells);
-       DataLoader worker ``w`` of ``N`` builds batches ``consumed + w, consumed + w + N, ...`` so the loader's
-       round-robin returns them in order;
+    1. plan (`sampler.EpochPlan` / `packing.PackedEpochPlan`): block shuffle of the split's cells for (seed, epoch),
+       partition over ranks, equal number of batches per rank (``drop_last`` drops the epoch's tail, otherwise it
+       pads by repeating cells; packed: see `packing`); DataLoader worker ``w`` of ``N`` builds batches
+       ``consumed + w, consumed + w + N, ...`` so the loader's round-robin returns them in order;
     2. read (`readers.StoreReader`): the batch's blocks of contiguous cells (tensorstore ``zarr3``, or zarr-python),
        cached per worker while their shuffle buffer is in use (``lanes`` keeps workers on disjoint buffers);
     3. tokenize (`ScGPTCollator` / `ScFoundationCollator`): binning or log1p values, gene subset, ``<cls>``, masking;
@@ -60,8 +74,11 @@ class StreamingCellDataset(IterableDataset):
        ``state_dict() == {epoch, batches_consumed, ...}`` resumes exactly, whatever the number of workers.
 
     Args:
-        store: store directory. batch_size: cells per batch (per rank). seed: data seed. rank, world_size: data
-            parallel position (each rank yields ``len(self)`` batches per epoch).
+        store: store directory. batch_size: cells per batch (per rank), the padded layout; or max_tokens: token budget
+            per micro-batch (per rank), the packed layout (exactly one of the two). pad_to_max_tokens: packed batches
+            padded to exactly max_tokens with dummy segments (static shapes for ``torch.compile``).
+            seed: data seed. rank, world_size: data parallel position (each rank yields ``len(self)`` batches per
+            epoch).
         backbone: ``"scgpt"`` (default) or ``"scfoundation"``. split: ``"train"`` (default), ``"eval"`` or ``"all"``;
             eval_fraction: held-out tail of the store for ``"eval"`` (default 0.05, see `split_range`).
         training: masking + edge perturbation + reshuffle per epoch (default: ``split != "eval"``); an evaluation
@@ -73,22 +90,33 @@ class StreamingCellDataset(IterableDataset):
             lanes) read disjoint blocks (default 4; see `sampler`). reader: ``"tensorstore"`` (default) or
             ``"zarr"``.
         graphs: None = on when the store has GRN assets; True without assets is an error. edge_perturbation: alpha.
+            graph_layout: ``"coo"`` (edges TF -> target) or ``"csr"`` (the structure encoder's final form: undirected
+            when ``undirected_graphs``, sorted by destination; `graphs`).
         Collator options (max_seq_len, n_bins, mask_ratio, mask_value, pad_value, pad_to_max_len, ...) pass through
             ``collator_kwargs`` or the keyword arguments of the same name.
     """
 
-    def __init__(self, store: str | Path, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, store: str | Path, *, batch_size: int | None = None, max_tokens: int | None = None,
+                 pad_to_max_tokens: bool = False, seed: int, rank: int = 0, world_size: int = 1,
                  backbone: str = "scgpt", split: str = "train", eval_fraction: float = 0.05,
                  training: bool | None = None, shuffle: bool | None = None, drop_last: bool | None = None,
                  block_size: int = 256, buffer_blocks: int = 8, lanes: int = 4, reader: str = "tensorstore",
-                 graphs: bool | None = None, edge_perturbation: float = 0.2,
-                 max_seq_len: int = 1200, n_bins: int = 51, mask_ratio: float = 0.15, mask_value: float = -1.0,
-                 pad_value: float = -2.0, pad_to_max_len: bool = False, collator_kwargs: dict | None = None):
+                 graphs: bool | None = None, edge_perturbation: float = 0.2, graph_layout: str = "coo",
+                 undirected_graphs: bool = True, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, n_bins: int = 51,
+                 mask_ratio: float = 0.15, mask_value: float = -1.0, pad_value: float = -2.0,
+                 pad_to_max_len: bool = False, collator_kwargs: dict | None = None):
         super().__init__()
         if backbone not in BACKBONES:
             raise UserInputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-        if batch_size < 1:
+        if (batch_size is None) == (max_tokens is None):
+            raise UserInputError("give exactly one of batch_size (padded batches) and max_tokens (packed batches)")
+        if batch_size is not None and batch_size < 1:
             raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise UserInputError(f"max_tokens must be >= 1, got {max_tokens}")
+        if graph_layout not in GraphBuilder.LAYOUTS:
+            raise UserInputError(f"unknown graph_layout {graph_layout!r}; choose one of "
+                                 f"{', '.join(GraphBuilder.LAYOUTS)}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise UserInputError(f"rank {rank} is not in [0, world_size={world_size})")
         if seed < 0:
@@ -99,7 +127,10 @@ class StreamingCellDataset(IterableDataset):
             raise UserInputError(f"edge_perturbation must be in [0, 1], got {edge_perturbation}")
         self.store = Path(store)
         self.reader = StoreReader(self.store, backend=reader)
-        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        self.packed = self.max_tokens is not None
+        self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.backbone, self.split = backbone, split
         self.lo, self.hi = split_range(self.reader.n_cells, split, eval_fraction)
@@ -109,15 +140,19 @@ class StreamingCellDataset(IterableDataset):
         self.block_size, self.buffer_blocks, self.lanes = int(block_size), int(buffer_blocks), int(lanes)
         self._cache_blocks = self.buffer_blocks * (self.lanes + 1)  # set per worker in __iter__
         self.edge_perturbation = float(edge_perturbation)
+        self.graph_layout, self.undirected_graphs = graph_layout, bool(undirected_graphs)
 
-        if self.drop_last and (self.hi - self.lo) < self.batch_size * self.world_size:
+        least = self.world_size * (1 if self.packed else self.batch_size)
+        if self.drop_last and (self.hi - self.lo) < least:
+            what = "world_size" if self.packed else "batch_size x world_size"
             raise UserInputError(
-                f"split {split!r} has {self.hi - self.lo} cells, fewer than batch_size x world_size = "
-                f"{self.batch_size * self.world_size}: every batch would be dropped (lower the batch size or set "
-                f"drop_last=False)", path=str(self.store))
+                f"split {split!r} has {self.hi - self.lo} cells, fewer than {what} = {least}: every batch would be "
+                f"dropped (lower the batch size or set drop_last=False)", path=str(self.store))
 
         kw = dict(max_seq_len=max_seq_len, mask_ratio=mask_ratio,
                   mask_value=mask_value, pad_value=pad_value, pad_to_max_len=pad_to_max_len)
+        if self.packed:
+            kw.update(max_tokens=self.max_tokens, pad_to_max_tokens=bool(pad_to_max_tokens))
         kw.update(collator_kwargs or {})
         try:
             if backbone == "scgpt":
@@ -127,17 +162,24 @@ class StreamingCellDataset(IterableDataset):
                 self.collator = ScFoundationCollator(self.reader.gene_token_ids, pad_id=self.reader.pad_id, **kw)
         except (TypeError, ValueError) as exc:  # bad collator option
             raise UserInputError(f"{backbone} tokenization: {exc}") from None
+        # packed layout: every cell's token count, known before reading it (stored genes from X/indptr)
+        self._cell_tokens = None
+        if self.packed:
+            counts = self.collator.cell_tokens(self.reader.row_nnz(self.lo, self.hi))
+            self._cell_tokens = counts.astype(np.uint16 if self.collator.max_cell_tokens < 2 ** 16 else np.int32)
+        self._plans: OrderedDict[int, EpochPlan | PackedEpochPlan] = OrderedDict()
 
         self.graph_builder = self._graph_builder(graphs)
         self.epoch = 0
         self._consumed = 0  # batches of `self.epoch` already handed out
         self._managed = False  # set by StatefulCellLoader, which keeps `_consumed` current for worker processes
-        self._ring_slots = 4  # shared-memory slots per worker (`packing`), set by StatefulCellLoader
+        self._ring_slots = 4  # shared-memory slots per worker (`worker_transport`), set by StatefulCellLoader
         self._cache: OrderedDict[int, CellRows] = OrderedDict()
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()  # each DataLoader worker fills its own block cache
+        state["_plans"] = OrderedDict()
         return state
 
     # ------------------------------------------------------------------ setup
@@ -159,19 +201,31 @@ class StreamingCellDataset(IterableDataset):
         if assets.n_genes != self.reader.n_genes:
             raise UserInputError(f"GRN assets cover {assets.n_genes} genes, the store {self.reader.n_genes}",
                                  path=str(self.store / "grn"))
-        return GraphBuilder(assets, alpha=self.edge_perturbation)
+        return GraphBuilder(assets, alpha=self.edge_perturbation, layout=self.graph_layout,
+                            undirected=self.undirected_graphs)
 
     @property
     def graphs(self) -> bool:
         return self.graph_builder is not None
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
-        """The cell order of an epoch on this rank (an evaluation dataset always uses epoch 0)."""
-        epoch = self.epoch if epoch is None else epoch
-        return EpochPlan(self.lo, self.hi, batch_size=self.batch_size, seed=self.seed,
-                         epoch=epoch if self.training else 0, rank=self.rank, world_size=self.world_size,
-                         block_size=self.block_size, buffer_blocks=self.buffer_blocks, shuffle=self.shuffle,
-                         drop_last=self.drop_last, lanes=self.lanes)
+    def plan(self, epoch: int | None = None) -> EpochPlan | PackedEpochPlan:
+        """The batches of an epoch on this rank (an evaluation dataset always uses epoch 0). Kept for the two most
+        recent epochs: a packed plan packs the whole epoch's token counts once."""
+        epoch = (self.epoch if epoch is None else epoch) if self.training else 0
+        plan = self._plans.get(epoch)
+        if plan is None:
+            common = dict(seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                          block_size=self.block_size, buffer_blocks=self.buffer_blocks, shuffle=self.shuffle,
+                          drop_last=self.drop_last, lanes=self.lanes)
+            if self.packed:
+                plan = PackedEpochPlan(self.lo, self.hi, tokens=self._cell_tokens, max_tokens=self.max_tokens,
+                                       **common)
+            else:
+                plan = EpochPlan(self.lo, self.hi, batch_size=self.batch_size, **common)
+            self._plans[epoch] = plan
+            while len(self._plans) > 2:
+                self._plans.popitem(last=False)
+        return plan
 
     def __len__(self) -> int:
         """Batches per epoch on every rank."""
@@ -185,11 +239,11 @@ class StreamingCellDataset(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_consumed": self._consumed, "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size, "rank": self.rank,
-                "split": self.split, "split_range": [self.lo, self.hi], "backbone": self.backbone}
+                "batch_size": self.batch_size, "max_tokens": self.max_tokens, "world_size": self.world_size,
+                "rank": self.rank, "split": self.split, "split_range": [self.lo, self.hi], "backbone": self.backbone}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "batch_size", "world_size", "split"):
+        for key in ("seed", "batch_size", "max_tokens", "world_size", "split"):
             if key in state and state[key] != getattr(self, key):
                 raise UserInputError(f"cannot resume data position: checkpoint has {key}={state[key]!r}, this "
                                      f"dataset {key}={getattr(self, key)!r} (batches would differ)")
@@ -254,8 +308,10 @@ class StreamingCellDataset(IterableDataset):
         g = plan.global_batch(step)
         out, slot_genes = self.collator(rows, batch_rng(self.seed, plan.epoch, g, 0))
         if self.graph_builder is not None:
+            segments = out["cu_seq_lens_q"].numpy() if self.packed else None
             out.update(self.graph_builder(slot_genes, rows.cell_type, rows.active_regulons,
-                                          batch_rng(self.seed, plan.epoch, g, 1), perturb=self.training))
+                                          batch_rng(self.seed, plan.epoch, g, 1), perturb=self.training,
+                                          segments=segments))
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -290,7 +346,7 @@ class StatefulCellLoader:
     with several workers (the dataset object in the main process never sees the workers' batches).
 
     ``state_dict()`` after consuming k batches resumes at batch k+1 even though workers have prefetched further.
-    With workers, batches come through a ring of reusable shared-memory slots per worker (`packing`) and are copied
+    With workers, batches come through a ring of reusable shared-memory slots per worker (`worker_transport`) and are copied
     out, into pinned memory with ``pin_memory`` (in place of the DataLoader's pin-memory thread), before they are
     yielded: the consumer owns every batch it gets.
     """
@@ -299,7 +355,7 @@ class StatefulCellLoader:
                  prefetch_factor: int | None = None, **kwargs):
         self.dataset = dataset
         self.num_workers = int(num_workers)
-        self.one_off_batches = 0  # batches that missed the workers' slot rings (`packing`; 0 expected)
+        self.one_off_batches = 0  # batches that missed the workers' slot rings (`worker_transport`; 0 expected)
         dataset._managed = True
         if kwargs.get("persistent_workers"):
             raise UserInputError("persistent_workers=True would keep stale data positions in the workers")

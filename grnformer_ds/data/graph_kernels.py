@@ -1,6 +1,10 @@
-"""numba kernels of the graph stage: cell-type restriction (written straight into the PyG layout: node ``b * L + l``,
-edges grouped by cell; DESIGN.md section 3), regulon union (token slots grouped by cell, for ``perturb.perturb_cells``
-to edit in place) and its PyG layout. Rules: ``graphs_reference.py``.
+"""numba kernels of the graph stage: cell-type restriction (written straight into the PyG layout, edges grouped by
+cell; DESIGN.md section 3), regulon union (token slots grouped by cell, for ``perturb.perturb_cells`` to edit in
+place), its PyG layout, and the undirected, destination-sorted form of both. Rules: ``graphs_reference.py``.
+
+Token slots are flat: cell ``b`` owns slots ``[cell_ptr[b], cell_ptr[b+1])`` of ``slot_genes`` and graph node ``n`` is
+slot ``n`` (padded layout: ``cell_ptr = b * L``, node ``b * L + l``; packed layout: ``cell_ptr`` = the segment offsets,
+node = packed position).
 
 Why per cell instead of the (B, G) slot table of the numpy reference: a cell touches only its ~1,000 tokens and the
 edges of the TFs among them, so each cell fills a (G,) gene -> slot scratch for its tokens, walks the GRN grouped by
@@ -45,11 +49,12 @@ def _pyg(src, dst, n):
 
 
 @numba.njit(cache=True, nogil=True)
-def to_pyg(ptr, src, dst, seq_len):
-    """(2, E) int64 edge_index over nodes ``b * L + slot`` from slot edges grouped by cell (cell b = ptr[b]:ptr[b+1])."""
+def to_pyg(ptr, src, dst, cell_ptr):
+    """(2, E) int64 edge_index over nodes ``cell_ptr[b] + slot`` from slot edges grouped by cell (cell b =
+    ptr[b]:ptr[b+1])."""
     index = np.empty((2, src.shape[0]), np.int64)
     for b in range(ptr.shape[0] - 1):
-        off = b * seq_len
+        off = cell_ptr[b]
         for i in range(ptr[b], ptr[b + 1]):
             index[0, i] = off + src[i]
             index[1, i] = off + dst[i]
@@ -57,13 +62,15 @@ def to_pyg(ptr, src, dst, seq_len):
 
 
 @numba.njit(cache=True, nogil=True)
-def celltype_graph(slot_genes, cell_type, type_groups, group_tf, group_ptr, edge_dst, edge_weight, n_genes):
+def celltype_graph(slot_genes, cell_ptr, cell_type, type_groups, group_tf, group_ptr, edge_dst, edge_weight,
+                   n_genes):
     """Cell-type GRN of each cell restricted to its tokens -> (edge_index (2, E) int64, edge_weight (E,) float32).
 
-    slot_genes: (B, L) store gene per slot (-1 none); cell_type: (B,) (-1 / out of range = unknown: no edges).
+    slot_genes: (T,) store gene per slot (-1 none); cell_ptr (B+1,) slots of each cell; cell_type: (B,) (-1 / out of
+    range = unknown: no edges).
     The GRN grouped by (type, TF) (`tf_groups`): type_groups (C+1,) group range of each type; group_tf (n_groups,)
     the TF gene; group_ptr (n_groups+1,) edge range of each group in edge_dst / edge_weight (E_c,)."""
-    n_cells, seq_len = slot_genes.shape
+    n_cells = cell_ptr.shape[0] - 1
     n_types = type_groups.shape[0] - 1
     slot = np.full(n_genes, -1, np.int32)
     out_src = np.empty(256 * n_cells + 16, np.int64)
@@ -79,8 +86,9 @@ def celltype_graph(slot_genes, cell_type, type_groups, group_tf, group_ptr, edge
         room = n + group_ptr[type_groups[c + 1]] - group_ptr[type_groups[c]]
         if room > out_src.shape[0]:
             out_src, out_dst, out_w = _grow(out_src, room), _grow(out_dst, room), _grow(out_w, room)
-        _fill_slots(slot_genes[b], slot, True)
-        off = b * seq_len
+        genes = slot_genes[cell_ptr[b]:cell_ptr[b + 1]]
+        _fill_slots(genes, slot, True)
+        off = cell_ptr[b]
         for q in range(type_groups[c], type_groups[c + 1]):
             s = slot[group_tf[q]]
             if s < 0:
@@ -91,13 +99,13 @@ def celltype_graph(slot_genes, cell_type, type_groups, group_tf, group_ptr, edge
                 d = slot[edge_dst[e]]
                 out_src[n], out_dst[n], out_w[n] = off + s, off + d, edge_weight[e]
                 n += d >= 0
-        _fill_slots(slot_genes[b], slot, False)
+        _fill_slots(genes, slot, False)
     return _pyg(out_src, out_dst, n), out_w[:n].copy()
 
 
 @numba.njit(cache=True, nogil=True)
-def cell_union(slot_genes, active_bits, reg_group_tf, reg_group_ptr, reg_order, reg_indptr, reg_target, reg_weight,
-               n_genes):
+def cell_union(slot_genes, cell_ptr, active_bits, reg_group_tf, reg_group_ptr, reg_order, reg_indptr, reg_target,
+               reg_weight, n_genes):
     """Union of each cell's active regulons restricted to its tokens -> (ptr (B+1,) int64, src slot (E,) int64,
     dst slot (E,) int64, weight (E,) float32), grouped by cell (cell b = ptr[b]:ptr[b+1]); `to_pyg` makes the
     edge_index after the (in place) perturbation.
@@ -107,9 +115,12 @@ def cell_union(slot_genes, active_bits, reg_group_tf, reg_group_ptr, reg_order, 
     sorted by (TF, id). An edge (TF, target) in several active regulons is kept once with its largest |weight|, the
     lowest regulon id on ties (as ``GRNAssets.cell_edges``): all its copies sit in one TF group, so only groups with
     several active regulons need the dedup. The targets of one regulon must be distinct (`GraphBuilder` ensures it)."""
-    n_cells, seq_len = slot_genes.shape
+    n_cells = cell_ptr.shape[0] - 1
+    longest = 0
+    for b in range(n_cells):
+        longest = max(longest, cell_ptr[b + 1] - cell_ptr[b])
     slot = np.full(n_genes, -1, np.int32)
-    where = np.full(seq_len, -1, np.int64)  # dst slot -> position of its edge in the current TF group
+    where = np.full(longest, -1, np.int64)  # dst slot -> position of its edge in the current TF group
     # this cell's edges (slots): at most every regulon edge, so no reallocation inside the loops (see celltype_graph)
     es = np.empty(reg_target.shape[0], np.int64)
     ed = np.empty(reg_target.shape[0], np.int64)
@@ -120,7 +131,8 @@ def cell_union(slot_genes, active_bits, reg_group_tf, reg_group_ptr, reg_order, 
     ptr = np.zeros(n_cells + 1, np.int64)
     n = 0
     for b in range(n_cells):
-        _fill_slots(slot_genes[b], slot, True)
+        genes = slot_genes[cell_ptr[b]:cell_ptr[b + 1]]
+        _fill_slots(genes, slot, True)
         m = 0
         for q in range(reg_group_tf.shape[0]):
             s = slot[reg_group_tf[q]]
@@ -160,7 +172,7 @@ def cell_union(slot_genes, active_bits, reg_group_tf, reg_group_ptr, reg_order, 
                         m += 1
             for i in range(first, m):
                 where[ed[i]] = -1
-        _fill_slots(slot_genes[b], slot, False)
+        _fill_slots(genes, slot, False)
         if n + m > out_src.shape[0]:
             out_src, out_dst, out_w = _grow(out_src, n + m), _grow(out_dst, n + m), _grow(out_w, n + m)
         out_src[n:n + m], out_dst[n:n + m], out_w[n:n + m] = es[:m], ed[:m], ew[:m]
@@ -184,3 +196,74 @@ def tf_groups(tf: np.ndarray, groups: np.ndarray, n_groups: int):
     tf_of = key_t[starts]
     group_ptr = np.searchsorted(key_g[starts], np.arange(n_groups + 1)).astype(np.int64)
     return order, group_ptr, tf_of, tf_ptr
+
+
+@numba.njit(cache=True, nogil=True)
+def sorted_by_destination(edge_index, weight, cell_ptr, undirected):
+    """The batch's graph in the structure encoder's final form: with ``undirected``, every edge also in reverse and
+    each (src, dst) pair once with the mean of its copies' weights (what `torch_geometric.utils.to_undirected(...,
+    reduce="mean")` gives); edges sorted by (destination, source), so that node ``n``'s incoming edges are one
+    contiguous run (CSR by destination). Without ``undirected`` the edges are only sorted (and merged).
+
+    edge_index (2, E) int64 over nodes ``[cell_ptr[0], cell_ptr[-1])``, edges grouped by cell in cell order (as the
+    kernels above emit them); weight (E,) float32. Two stable counting sorts per cell (by source, then by
+    destination) over its own slots: O(edges + tokens) per cell. Returns (edge_index (2, E') int64, weight (E',)
+    float32)."""
+    n_cells = cell_ptr.shape[0] - 1
+    n_edges = edge_index.shape[1]
+    copies = 2 if undirected else 1
+    longest = 0
+    for b in range(n_cells):
+        longest = max(longest, cell_ptr[b + 1] - cell_ptr[b])
+    count = np.zeros(longest + 1, np.int64)
+    out_src = np.empty(copies * n_edges, np.int64)
+    out_dst = np.empty(copies * n_edges, np.int64)
+    out_w = np.empty(copies * n_edges, np.float32)
+    a_src = np.empty(copies * n_edges, np.int64)  # scratch: this cell's entries, before / between the two sorts
+    a_dst = np.empty(copies * n_edges, np.int64)
+    a_w = np.empty(copies * n_edges, np.float32)
+    t_src = np.empty(copies * n_edges, np.int64)
+    t_dst = np.empty(copies * n_edges, np.int64)
+    t_w = np.empty(copies * n_edges, np.float32)
+    n = 0
+    e = 0
+    for b in range(n_cells):
+        lo, hi = cell_ptr[b], cell_ptr[b + 1]
+        size = hi - lo
+        m = 0
+        while e < n_edges and edge_index[0, e] < hi:
+            s, d, w = edge_index[0, e] - lo, edge_index[1, e] - lo, weight[e]
+            a_src[m], a_dst[m], a_w[m] = s, d, w
+            m += 1
+            if undirected:
+                a_src[m], a_dst[m], a_w[m] = d, s, w
+                m += 1
+            e += 1
+        if m == 0:
+            continue
+        # stable counting sort by source (a -> t), then by destination (t -> a): sorted by (dst, src)
+        for key_is_dst in (False, True):
+            count[:size + 1] = 0
+            for i in range(m):
+                k = a_dst[i] if key_is_dst else a_src[i]
+                count[k + 1] += 1
+            for k in range(size):
+                count[k + 1] += count[k]
+            for i in range(m):
+                k = a_dst[i] if key_is_dst else a_src[i]
+                p = count[k]
+                count[k] = p + 1
+                t_src[p], t_dst[p], t_w[p] = a_src[i], a_dst[i], a_w[i]
+            a_src[:m], a_dst[:m], a_w[:m] = t_src[:m], t_dst[:m], t_w[:m]
+        # merge runs of the same (dst, src): mean weight
+        i = 0
+        while i < m:
+            j = i + 1
+            total = np.float64(a_w[i])
+            while j < m and a_dst[j] == a_dst[i] and a_src[j] == a_src[i]:
+                total += a_w[j]
+                j += 1
+            out_src[n], out_dst[n], out_w[n] = a_src[i] + lo, a_dst[i] + lo, np.float32(total / (j - i))
+            n += 1
+            i = j
+    return _pyg(out_src, out_dst, n), out_w[:n].copy()

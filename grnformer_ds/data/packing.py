@@ -1,207 +1,246 @@
-"""Batches between DataLoader workers and the main process through a ring of reusable shared-memory slots.
+"""Sequence packing: whole cells back to back in micro-batches of at most ``max_tokens`` tokens (the THD layout).
 
-A batch is ~12 tensors (~2.7 MB for 64 cells x 1,200 tokens with graphs). A DataLoader sends a dict of tensors as one
-new shared-memory segment per tensor, and each one costs the worker page faults on fresh tmpfs pages (~0.65 ms/MB
-here) and both processes a file-descriptor hand-over through a socket (``multiprocessing.resource_sharer``). Measured
-on the 2-core VM: a worker spent 6.5 ms per batch against 3.0 ms for the same batch in-process, and the main process
-1.35 ms per batch just receiving, so two workers on two cores gave less than one process alone (BENCHMARKS.md).
+Which cells share a micro-batch (`PackedEpochPlan`), for one (seed, epoch) and rank:
 
-So each worker (`BatchSender`) keeps ``n_slots`` shared uint8 buffers, reused, and a shared flag per slot. It copies a
-batch into a free slot in its wire form (int64 tensors whose values fit travel as int32; PyG's node ``batch`` vector,
-a quarter of the bytes, is dropped when ``ptr`` rebuilds it) and sends a small `SlotMessage`: the slot's storage and
-the flags travel (as file descriptors) only the first time they are used. The main process (`BatchReceiver`, one per
-loader iteration) maps each slot once, copies the batch out into one fresh buffer in its final dtypes (pinned when
-asked: this replaces the DataLoader's pin-memory thread), and clears the slot's flag. The consumer therefore owns its
-batch outright: it may keep it for as long as it likes while the worker refills the slot.
+1. the epoch order of the split's cells is the block shuffle of `sampler.CellOrder` (the same order the fixed-size
+   batches use, so reads keep their block locality);
+2. rank ``r`` takes the positions ``[r * C, (r + 1) * C)`` of that order, ``C = n // W`` cells (``drop_last``) or
+   ``ceil(n / W)`` (positions past the end wrap around, as for fixed batches);
+3. the section is cut into chunks of ``chunk_cells`` consecutive positions (default: one shuffle buffer), and each
+   chunk is packed on its own by bounded first-fit (`first_fit`): a cell goes into the first of the last
+   ``max_open`` micro-batches with room for it, else opens a new one. Cells therefore stay near their place in the
+   order, a micro-batch draws from one or two buffers, and the gaps a long cell leaves are filled by the shorter
+   cells that follow. Micro-batches are numbered chunk by chunk in opening order; a micro-batch lists its cells in
+   epoch order. With ``drop_last`` a chunk's last micro-batch is dropped when it is less than half full (`kept_bins`:
+   the padded layout's drop_last drops an incomplete last batch the same way);
+4. **equal micro-batch counts per rank**: every rank packs every rank's section (a numba pass over the epoch's token
+   counts, O(cells), no data read) and takes ``S = min`` over ranks of the counts with ``drop_last`` (a rank with
+   more micro-batches drops its last ones: their cells sit out this epoch, other cells in the next, since the order
+   is reshuffled) or ``S = max`` without (a rank with fewer repeats its first micro-batches). ``S`` can differ by a
+   few micro-batches from one epoch to the next: the lengths in each section change with the shuffle;
+5. the rank's micro-batch ``s`` is micro-batch ``s // lanes`` of run ``s % lanes`` of its section (`sampler.lane_starts`),
+   and its random draws (masking, subsetting, edge perturbation) come from ``batch_rng(seed, epoch, s * W + r)``,
+   exactly as for fixed-size batches: resuming from (epoch, micro-batches consumed) is exact with any number of
+   DataLoader workers.
 
-A worker holds at most ``prefetch_factor`` batches the main process has not received (the DataLoader sends a worker
-a new index only for a batch it took), plus the one being copied, so ``prefetch_factor + 2`` slots never run out;
-if they ever do (a changed DataLoader), the batch goes through a one-off shared buffer: a worker never waits.
-
-Flag writes and reads sit between full memory fences (`_fence`, an LLVM ``fence seq_cst`` through numba): on x86
-stores are not reordered with earlier loads anyway, but on weakly ordered CPUs (ARM: Grace) the flag clear must not
-become visible before the main process's reads of the slot are done.
+A cell's token count is known before it is read: the collators' ``cell_tokens(nnz)`` (an upper bound when counts are
+down-sampled at random) of the number of stored genes of the cell, from the shards' ``X/indptr``. First-fit packing
+of cells of ~1,000-1,200 tokens into budgets of 16-20k tokens leaves ~0.3-1 % of the budget empty (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass
-
+import numba
 import numpy as np
-import torch
-from numba import njit, types
-from numba.extending import intrinsic
 
-_ALIGN = 64
-_I32 = torch.iinfo(torch.int32)
+from .sampler import CellOrder, lane_starts
 
 
-# ------------------------------------------------------------------------------------------- fenced flag access
-@intrinsic
-def _fence(typingctx):
-    def codegen(context, builder, signature, args):
-        builder.fence("seq_cst")
-        return context.get_dummy_value()
+@numba.njit(cache=True, nogil=True)
+def first_fit(lengths, budget, max_open):
+    """Bounded first-fit of ``lengths`` (n,) int (each <= budget) into bins of ``budget`` tokens.
 
-    return types.void(), codegen
-
-
-@njit(cache=True)
-def _store_flag(flags, slot, value):
-    _fence()  # every earlier read/write of the slot is done before the flag changes
-    flags[slot] = value
-    _fence()
-
-
-@njit(cache=True)
-def _load_flag(flags, slot):
-    value = flags[slot]
-    _fence()  # no write to the slot may move before this read
-    return value
-
-
-# ------------------------------------------------------------------------------------------- layout
-@dataclass(slots=True)
-class SlotMessage:
-    """What a worker sends per batch. Not a tuple or dict, so the DataLoader's ``default_convert`` leaves it alone.
-
-    token: the sending `BatchSender`; slot: ring index, -1 for a one-off buffer; generation: bumps when the slot is
-    reallocated larger; storage: the slot's uint8 tensor on its first use (or the one-off buffer), else None; flags:
-    the sender's flag vector on its first message, else None; layout: ``(key, wire dtype, shape, byte offset, final
-    dtype)`` per sent key; order: the batch's keys (``batch`` included when it is rebuilt from ``ptr``)."""
-
-    token: str
-    slot: int
-    generation: int
-    storage: torch.Tensor | None
-    flags: torch.Tensor | None
-    layout: tuple
-    order: tuple
+    A cell goes into the first (oldest) of the at most ``max_open`` most recently opened bins that has room, else a
+    new bin is opened (closing the oldest open bin when ``max_open`` are open). Returns (bin of each cell (n,)
+    int64, bins opened in order of opening, number of bins)."""
+    n = lengths.shape[0]
+    bin_of = np.empty(n, np.int64)
+    room = np.empty(max_open, np.int64)
+    ids = np.empty(max_open, np.int64)
+    n_open = 0
+    n_bins = 0
+    for i in range(n):
+        need = lengths[i]
+        k = 0
+        while k < n_open and room[k] < need:
+            k += 1
+        if k == n_open:
+            if n_open == max_open:  # close the oldest open bin
+                for j in range(1, n_open):
+                    room[j - 1] = room[j]
+                    ids[j - 1] = ids[j]
+                n_open -= 1
+            room[n_open] = budget
+            ids[n_open] = n_bins
+            n_bins += 1
+            k = n_open
+            n_open += 1
+        room[k] -= need
+        bin_of[i] = ids[k]
+    return bin_of, n_bins
 
 
-def _nbytes(dtype: torch.dtype, shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+@numba.njit(cache=True, nogil=True)
+def kept_bins(lengths, bin_of, n_bins, budget, drop_last):
+    """Bins of one chunk that make micro-batches: all, or with ``drop_last`` all but a last bin filled to less than
+    half the budget (the chunk's tail: its cells sit out this epoch, as drop_last drops an incomplete last batch)."""
+    if not drop_last or n_bins == 0:
+        return n_bins
+    fill = 0
+    for i in range(lengths.shape[0]):
+        if bin_of[i] == n_bins - 1:
+            fill += lengths[i]
+    return n_bins - 1 if 2 * fill < budget else n_bins
 
 
-def _aligned(offset: int) -> int:
-    return -(-offset // _ALIGN) * _ALIGN
+@numba.njit(cache=True, nogil=True)
+def bins_per_chunk(lengths, chunk, budget, max_open, drop_last):
+    """`first_fit` of each run of ``chunk`` consecutive lengths on its own (`kept_bins` of each). Returns
+    (n_chunks + 1,) int64 cumulative micro-batch counts (chunk c makes micro-batches ``[out[c], out[c + 1])`` of
+    the section)."""
+    n = lengths.shape[0]
+    n_chunks = (n + chunk - 1) // chunk
+    out = np.zeros(n_chunks + 1, np.int64)
+    for c in range(n_chunks):
+        part = lengths[c * chunk:min((c + 1) * chunk, n)]
+        bin_of, nb = first_fit(part, budget, max_open)
+        out[c + 1] = out[c] + kept_bins(part, bin_of, nb, budget, drop_last)
+    return out
 
 
-def _wire(batch: dict[str, torch.Tensor]):
-    """(key, tensor, wire dtype, final dtype) per sent key; ``batch`` is dropped when ``ptr`` rebuilds it. The tensor
-    is narrowed to the wire dtype while it is copied into the slot (``copy_`` converts), not before."""
+class PackedEpochPlan(CellOrder):
+    """Token-budget micro-batches of one epoch for one rank (module docstring).
+
+    Args:
+        lo, hi: the split's cells. tokens: (hi - lo,) int, token count of each cell (index ``cell - lo``).
+        max_tokens: the budget (>= every count). chunk_cells: cells packed together (default block_size x
+            buffer_blocks). max_open: open micro-batches first-fit considers (8).
+        Others as `sampler.EpochPlan`.
+    """
+
+    def __init__(self, lo: int, hi: int, *, tokens: np.ndarray, max_tokens: int, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1, block_size: int = 256, buffer_blocks: int = 8,
+                 shuffle: bool = True, drop_last: bool = True, lanes: int = 4, chunk_cells: int | None = None,
+                 max_open: int = 8):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if lanes < 1 or max_open < 1:
+            raise ValueError("lanes and max_open must be >= 1")
+        super().__init__(lo, hi, seed=seed, epoch=epoch, block_size=block_size, buffer_blocks=buffer_blocks,
+                         shuffle=shuffle)
+        self.tokens = np.asarray(tokens)
+        if len(self.tokens) != self.n:
+            raise ValueError(f"tokens has {len(self.tokens)} entries for {self.n} cells")
+        self.max_tokens, self.max_open = int(max_tokens), int(max_open)
+        if self.n and int(self.tokens.max()) > self.max_tokens:
+            raise ValueError(f"a cell has {int(self.tokens.max())} tokens, more than max_tokens={self.max_tokens}")
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.chunk = int(chunk_cells or self.block_size * self.buffer_blocks)
+        self.drop_last = bool(drop_last)
+        self.section = self.n // self.world_size if drop_last else -(-self.n // self.world_size)
+        counts = [self._chunk_bins(r) for r in range(self.world_size)]
+        totals = [int(c[-1]) for c in counts]
+        self.rank_steps = totals  # micro-batches each rank's section packs into, before equalising
+        self.n_steps = (min(totals) if drop_last else max(totals)) if self.section else 0
+        self._chunk_ptr = counts[self.rank]
+        self.lanes, self._lane_start = lane_starts(self.n_steps, lanes)
+        self._cache_size = 2 * self.lanes + 2
+        self._packed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # chunk -> (cells, bin_of), a few recent
+
+    def _positions(self, rank: int, c: int) -> np.ndarray:
+        a = rank * self.section + c * self.chunk
+        return np.arange(a, rank * self.section + min((c + 1) * self.chunk, self.section), dtype=np.int64)
+
+    def _chunk_bins(self, rank: int) -> np.ndarray:
+        cells = self.cells_at(np.arange(rank * self.section, (rank + 1) * self.section, dtype=np.int64))
+        lengths = np.ascontiguousarray(self.tokens[cells - self.lo], dtype=np.int64)
+        return bins_per_chunk(lengths, self.chunk, self.max_tokens, self.max_open, self.drop_last)
+
+    def section_batch(self, step: int) -> int:
+        if not 0 <= step < self.n_steps:
+            raise IndexError(f"step {step} not in [0, {self.n_steps})")
+        q = int(self._lane_start[step % self.lanes]) + step // self.lanes
+        return q % int(self._chunk_ptr[-1])  # a rank with fewer micro-batches repeats its first ones
+
+    def step_cells(self, step: int) -> np.ndarray:
+        """(B,) global cells of this rank's micro-batch ``step``, in epoch order (B varies)."""
+        q = self.section_batch(step)
+        c = int(np.searchsorted(self._chunk_ptr, q, side="right")) - 1
+        if c not in self._packed:
+            cells = self.cells_at(self._positions(self.rank, c))
+            bin_of, _ = first_fit(np.ascontiguousarray(self.tokens[cells - self.lo], dtype=np.int64),
+                                  self.max_tokens, self.max_open)
+            if len(self._packed) > 2 * self.lanes + 2:
+                self._packed.pop(next(iter(self._packed)))
+            self._packed[c] = (cells, bin_of)
+        cells, bin_of = self._packed[c]
+        return cells[bin_of == q - int(self._chunk_ptr[c])]
+
+    def global_batch(self, step: int) -> int:
+        return step * self.world_size + self.rank
+
+
+def padding_fraction(plan: PackedEpochPlan) -> float:
+    """Fraction of the token budget of this rank's micro-batches that holds no cell (computed from the plan, no data
+    read)."""
+    used = sum(int(plan.tokens[plan.step_cells(s) - plan.lo].sum()) for s in range(plan.n_steps))
+    return 1.0 - used / max(plan.n_steps * plan.max_tokens, 1)
+
+
+def segment_offsets(cell_tokens: np.ndarray, pad_to: int | None, max_segment: int) -> np.ndarray:
+    """Offsets (S+1,) int64 of a packed row: the cells back to back, then, when ``pad_to`` is given, dummy segments
+    of at most ``max_segment`` tokens up to exactly ``pad_to`` tokens (static shapes for compilation).
+
+    The padding is split so that no segment is longer than the longest possible cell: attention costs O(length^2)
+    per segment, and ``max_length`` stays the same for every batch."""
+    cu = np.zeros(len(cell_tokens) + 1, np.int64)
+    np.cumsum(cell_tokens, out=cu[1:])
+    total = int(cu[-1])
+    if pad_to is None or total == pad_to:
+        return cu
+    if total > pad_to:
+        raise ValueError(f"packed cells hold {total} tokens, more than the budget {pad_to}")
+    n_dummy = -(-(pad_to - total) // max_segment)
+    tail = np.minimum(total + max_segment * np.arange(1, n_dummy + 1, dtype=np.int64), pad_to)
+    return np.concatenate([cu, tail])
+
+
+def packed_keys(segments: np.ndarray, n_cells: int, max_segment: int | None) -> dict:
+    """The varlen keys of a packed batch (transformers' ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``
+    names): ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (S+1,) int32 and ``max_length_q`` / ``max_length_k`` ints (the
+    longest segment, or ``max_segment`` when given: a constant upper bound keeps compiled graphs static)."""
+    import torch
+
+    cu = torch.from_numpy(segments.astype(np.int32))
+    longest = int(np.diff(segments).max(initial=0)) if max_segment is None else int(max_segment)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": longest, "max_length_k": longest}
+
+
+def pack_padded_batch(batch: dict, lead: int = 0, pad_id: int = 0, pad_value: float = 0.0) -> dict:
+    """The packed (THD) form of a padded (B, L) batch: the same cells, tokens, labels and graphs, back to back.
+
+    The reference the packed layout is tested against (and a converter for users with padded batches). Each cell's
+    real tokens (``attention_mask``; a prefix of its row) go to ``[cu[b] + lead, cu[b + 1])``; ``lead`` reserved slots
+    open each segment (2 for scFoundation's T and S tokens, written as ``pad_id`` / ``pad_value``; 0 for scGPT, whose
+    ``<cls>`` is already in the row). Token-level (B, L) keys become (1, T); per-cell and (B, G) keys are kept;
+    graph node ``b * L + l`` becomes packed position ``cu[b] + lead + l``; ``batch`` / ``ptr`` follow the segments.
+    """
+    import torch
+
+    mask = batch["attention_mask"].bool()
+    n_cells, seq_len = mask.shape
+    lengths = mask.sum(1).to(torch.int64) + lead
+    cu = torch.zeros(n_cells + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(lengths, 0)
+    total = int(cu[-1])
+    # packed position of every padded slot (real tokens only are used)
+    new_pos = (cu[:-1, None] + lead + torch.arange(seq_len)[None, :]).reshape(-1)
+    token_pos = new_pos[mask.reshape(-1)]
+    out = {}
     for key, value in batch.items():
-        if key == "batch" and "ptr" in batch:
+        if key in ("attention_mask", "batch", "ptr"):
             continue
-        if value.dtype == torch.int64 and value.numel():
-            lo, hi = torch.aminmax(value)  # one pass over the tensor
-            if _I32.min <= int(lo) and int(hi) <= _I32.max:
-                yield key, value, torch.int32, torch.int64
-                continue
-        yield key, value, value.dtype, value.dtype
-
-
-def _copy_in(buf: torch.Tensor, layout, sent) -> None:
-    for (key, dtype, shape, start, _), value in zip(layout, sent):
-        buf[start:start + _nbytes(dtype, shape)].view(dtype).view(shape).copy_(value)
-
-
-# ------------------------------------------------------------------------------------------- worker side
-class BatchSender:
-    """Worker side: packs batches into a ring of ``n_slots`` reusable shared-memory slots (module docstring)."""
-
-    def __init__(self, n_slots: int):
-        if n_slots < 1:
-            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
-        self.token = secrets.token_hex(8)
-        self.flags = torch.zeros(n_slots, dtype=torch.int32).share_memory_()
-        self._flags = self.flags.numpy()
-        self._slots: list[torch.Tensor | None] = [None] * n_slots
-        self._generation = [0] * n_slots
-        self._announced = [False] * n_slots
-        self._flags_sent = False
-        self._next = 0
-        self.one_off = 0  # batches that found no free slot (the loader counts them too: `SlotMessage.slot` is -1)
-
-    def _free_slot(self) -> int:
-        n = len(self._slots)
-        for k in range(n):
-            s = (self._next + k) % n
-            if _load_flag(self._flags, s) == 0:
-                self._next = (s + 1) % n
-                return s
-        return -1
-
-    def pack(self, batch: dict[str, torch.Tensor]) -> SlotMessage:
-        layout, sent, size = [], [], 0
-        for key, value, wire, final in _wire(batch):
-            start = _aligned(size)
-            layout.append((key, wire, tuple(value.shape), start, final))
-            sent.append(value)
-            size = start + value.numel() * wire.itemsize
-        flags = None if self._flags_sent else self.flags
-        self._flags_sent = True
-        s = self._free_slot()
-        if s < 0:  # every slot still held by the main process: a one-off buffer (never blocks)
-            self.one_off += 1
-            buf = torch.empty(max(size, 1), dtype=torch.uint8).share_memory_()
-            _copy_in(buf, layout, sent)
-            return SlotMessage(self.token, -1, 0, buf, flags, tuple(layout), tuple(batch))
-        buf = self._slots[s]
-        if buf is None or buf.numel() < size:  # grow with headroom: batches vary in edges and tokens
-            buf = torch.empty(max(size + size // 4, 1), dtype=torch.uint8).share_memory_()
-            self._slots[s], self._generation[s], self._announced[s] = buf, self._generation[s] + 1, False
-        _copy_in(buf, layout, sent)
-        storage = None if self._announced[s] else buf
-        self._announced[s] = True
-        _store_flag(self._flags, s, 1)
-        return SlotMessage(self.token, s, self._generation[s], storage, flags, tuple(layout), tuple(batch))
-
-
-# ------------------------------------------------------------------------------------------- main side
-class BatchReceiver:
-    """Main side: turns `SlotMessage`s back into batch dicts it owns, and frees the slots (module docstring).
-
-    The returned tensors are non-overlapping views of one fresh storage (pinned when ``pin_memory``), same keys in
-    the same order, dtypes and shapes as the worker's dict."""
-
-    def __init__(self, pin_memory: bool = False):
-        self.pin_memory = bool(pin_memory)
-        self._slots: dict[tuple[str, int], tuple[int, torch.Tensor]] = {}
-        self._flags: dict[str, np.ndarray] = {}
-
-    def unpack(self, msg: SlotMessage) -> dict[str, torch.Tensor]:
-        if msg.flags is not None:
-            self._flags[msg.token] = msg.flags.numpy()
-        if msg.slot < 0:
-            src = msg.storage
+        if key in ("input_ids", "values", "labels") and value.shape == mask.shape:
+            fill = {"input_ids": pad_id, "values": pad_value, "labels": -100.0}[key]
+            row = torch.full((total,), fill, dtype=value.dtype)
+            row[token_pos] = value[mask]
+            out[key] = row[None]
+        elif key.endswith("_edge_index"):
+            out[key] = new_pos[value]
         else:
-            if msg.storage is not None:
-                self._slots[(msg.token, msg.slot)] = (msg.generation, msg.storage)
-            generation, src = self._slots[(msg.token, msg.slot)]
-            if generation != msg.generation:  # cannot happen with one queue per worker; never read a stale slot
-                raise RuntimeError(f"batch slot {msg.slot} of worker {msg.token}: generation {msg.generation} "
-                                   f"announced, {generation} mapped")
-        # final layout: every key in its final dtype, `batch` (when rebuilt) last
-        rebuild = "batch" in msg.order and all(key != "batch" for key, *_ in msg.layout)
-        placed, size = [], 0
-        for key, dtype, shape, start, final in msg.layout:
-            out_start = _aligned(size)
-            placed.append((key, dtype, shape, start, final, out_start))
-            size = out_start + _nbytes(final, shape)
-        out = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=self.pin_memory)
-        got = {}
-        for key, dtype, shape, start, final, out_start in placed:
-            dst = out[out_start:out_start + _nbytes(final, shape)].view(final).view(shape)
-            dst.copy_(src[start:start + _nbytes(dtype, shape)].view(dtype).view(shape))
-            got[key] = dst
-        if msg.slot >= 0:
-            _store_flag(self._flags[msg.token], msg.slot, 0)
-        if rebuild:
-            ptr = got["ptr"]
-            # `batch` gets its own tensor: its length is only known from ptr's values, after the copy
-            got["batch"] = torch.repeat_interleave(torch.arange(len(ptr) - 1, dtype=torch.int64), ptr.diff(),
-                                                   output_size=int(ptr[-1]))
-            if self.pin_memory:
-                got["batch"] = got["batch"].pin_memory()
-        return {key: got[key] for key in msg.order}
+            out[key] = value
+    out.update(cu_seq_lens_q=cu.to(torch.int32), cu_seq_lens_k=cu.to(torch.int32).clone(),
+               max_length_q=int(lengths.max()) if n_cells else 0, max_length_k=int(lengths.max()) if n_cells else 0)
+    if "ptr" in batch:
+        out["batch"] = torch.repeat_interleave(torch.arange(n_cells), lengths, output_size=total)
+        out["ptr"] = cu.clone()
+    return out

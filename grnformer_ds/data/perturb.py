@@ -195,18 +195,19 @@ def perturb_cell(src, dst, weight, n_edges, slot, genes, co_indptr, co_indices, 
 
 
 @numba.njit(cache=True, nogil=True)
-def perturb_cells(ptr, src, dst, weight, slot_genes, co_indptr, co_indices, co_data, alpha, seed):
+def perturb_cells(ptr, src, dst, weight, slot_genes, cell_ptr, co_indptr, co_indices, co_data, alpha, seed):
     """Perturb every cell's graph of a batch in place. Edges grouped by cell (cell b = ptr[b]:ptr[b+1]) as token slots
-    src, dst (E,) int64, weight (E,) float32; slot_genes (B, L) int64; seed: uint64 (`batch_seed`). Returns the number
-    of replaced edges of each cell (B,)."""
-    n_cells = slot_genes.shape[0]
+    of the cell src, dst (E,) int64, weight (E,) float32; slot_genes (T,) int64 flat token slots, cell b owning
+    ``[cell_ptr[b], cell_ptr[b+1])``; seed: uint64 (`batch_seed`). Returns the number of replaced edges of each cell
+    (B,)."""
+    n_cells = cell_ptr.shape[0] - 1
     slot = np.full(co_indptr.shape[0] - 1, -1, np.int32)  # gene -> slot of the current cell
     replaced = np.zeros(n_cells, np.int64)
     for b in range(n_cells):
         lo, hi = ptr[b], ptr[b + 1]
         if hi == lo:
             continue
-        genes = slot_genes[b]
+        genes = slot_genes[cell_ptr[b]:cell_ptr[b + 1]]
         for l in range(genes.shape[0]):
             if genes[l] >= 0:
                 slot[genes[l]] = l
@@ -240,7 +241,8 @@ def perturb_edges(cell: np.ndarray, src: np.ndarray, dst: np.ndarray, weight: np
     s, d = src[order].astype(np.int64), dst[order].astype(np.int64)
     w = weight[order].astype(np.float32)
     ptr = np.searchsorted(cell, np.arange(n_cells + 1)).astype(np.int64)
-    perturb_cells(ptr, s, d, w, np.ascontiguousarray(slot_genes, dtype=np.int64),
-                  np.asarray(coexpr_indptr, np.int64), coexpr_indices, np.asarray(coexpr_data, np.float32),
-                  float(alpha), batch_seed(rng))
+    slot_genes = np.ascontiguousarray(slot_genes, dtype=np.int64)
+    cell_ptr = np.arange(n_cells + 1, dtype=np.int64) * slot_genes.shape[1]
+    perturb_cells(ptr, s, d, w, slot_genes.reshape(-1), cell_ptr, np.asarray(coexpr_indptr, np.int64),
+                  coexpr_indices, np.asarray(coexpr_data, np.float32), float(alpha), batch_seed(rng))
     return cell, s.astype(src.dtype), d.astype(dst.dtype), w

@@ -137,6 +137,15 @@ class ShardReader:
             active_regulons=active,
         )
 
+    def row_nnz(self) -> np.ndarray:
+        """(n_cells,) int64 stored genes of every row, from ``X/indptr`` read with zarr-python (starts no tensorstore
+        threads, so it is safe in a process that will fork workers)."""
+        indptr = np.asarray(_ZarrArray(self.path / "X" / "indptr").read_all(), dtype=np.int64)
+        if len(indptr) != self.n_cells + 1:
+            raise UserInputError(f"X/indptr has {len(indptr) - 1} rows, manifest says {self.n_cells}",
+                                 path=str(self.path))
+        return np.diff(indptr)
+
     def __getstate__(self):
         return {k: getattr(self, k) for k in ("path", "n_cells", "cell_offset", "backend")} | {"_open": False}
 
@@ -182,6 +191,15 @@ class StoreReader:
     @property
     def has_active_regulons(self) -> bool:
         return all(s.has_active_regulons for s in self.shards)
+
+    def row_nnz(self, g0: int, g1: int) -> np.ndarray:
+        """(g1 - g0,) int64 stored genes of the global cells ``[g0, g1)`` (no X data read)."""
+        parts = []
+        for shard in self.shards:
+            a, b = max(g0, shard.cell_offset), min(g1, shard.cell_offset + shard.n_cells)
+            if b > a:
+                parts.append(shard.row_nnz()[a - shard.cell_offset:b - shard.cell_offset])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def read_range(self, g0: int, g1: int, with_active: bool = False) -> CellRows:
         """Global cells ``[g0, g1)`` (may span shards). indices/data keep the store's X dtypes (see `CellRows`)."""

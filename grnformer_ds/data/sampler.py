@@ -35,27 +35,21 @@ def batch_rng(seed: int, epoch: int, global_batch: int, stream: int = 0) -> np.r
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, _BATCH, global_batch, stream])))
 
 
-class EpochPlan:
-    """Cell order of one epoch for one rank. All arrays are computed lazily per buffer (memory O(cells / block))."""
+class CellOrder:
+    """The block-shuffled order of the cells ``[lo, hi)`` for one (seed, epoch) (steps 1-2 of the module docstring).
 
-    def __init__(self, lo: int, hi: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                 world_size: int = 1, block_size: int = 256, buffer_blocks: int = 8, shuffle: bool = True,
-                 drop_last: bool = True, lanes: int = 4):
-        if batch_size < 1 or block_size < 1 or buffer_blocks < 1 or lanes < 1:
-            raise ValueError("batch_size, block_size, buffer_blocks and lanes must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+    Position ``p`` of the epoch holds cell ``cells_at(p)``. Arrays are computed lazily per buffer (memory
+    O(cells / block)). `EpochPlan` (fixed batch size) and `packing.PackedEpochPlan` (token budget) cut this order into
+    batches."""
+
+    def __init__(self, lo: int, hi: int, *, seed: int, epoch: int, block_size: int = 256, buffer_blocks: int = 8,
+                 shuffle: bool = True):
+        if block_size < 1 or buffer_blocks < 1:
+            raise ValueError("block_size and buffer_blocks must be >= 1")
         self.lo, self.hi = int(lo), int(hi)
         self.n = self.hi - self.lo
-        self.batch_size, self.seed, self.epoch = int(batch_size), int(seed), int(epoch)
-        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed, self.epoch = int(seed), int(epoch)
         self.block_size, self.buffer_blocks, self.shuffle = int(block_size), int(buffer_blocks), bool(shuffle)
-        per_step = self.batch_size * self.world_size
-        self.n_steps = self.n // per_step if drop_last else -(-self.n // per_step)
-        self.lanes = max(1, min(int(lanes), self.n_steps))
-        base, extra = divmod(self.n_steps, self.lanes)
-        counts = base + (np.arange(self.lanes) < extra)
-        self._lane_start = np.cumsum(counts) - counts  # first section batch of each run
         n_blocks = -(-self.n // self.block_size)
         order = np.arange(n_blocks, dtype=np.int64)
         if self.shuffle:
@@ -66,6 +60,7 @@ class EpochPlan:
         buf_sizes = np.add.reduceat(sizes, np.arange(0, n_blocks, self.buffer_blocks)) if n_blocks else sizes
         self.buffer_starts = np.concatenate([[0], np.cumsum(buf_sizes)]).astype(np.int64)
         self._cache: dict[int, np.ndarray] = {}  # a few recent buffers' cell orders (one per lane in use)
+        self._cache_size = 10
 
     def block_of(self, cell: np.ndarray) -> np.ndarray:
         """Block id (block = ``[lo + k * block_size, ...)``) of global cells."""
@@ -80,7 +75,7 @@ class EpochPlan:
         if self.shuffle:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch, _BUFFER, u])))
             cells = cells[rng.permutation(len(cells))]
-        if len(self._cache) > 2 * self.lanes + 2:
+        if len(self._cache) > self._cache_size:
             self._cache.pop(next(iter(self._cache)))
         self._cache[u] = cells
         return cells
@@ -95,12 +90,43 @@ class EpochPlan:
             out[sel] = self._buffer_cells(int(u))[positions[sel] - self.buffer_starts[u]]
         return out
 
-    def step_cells(self, step: int) -> np.ndarray:
-        """(B,) global cells of this rank's batch ``step``."""
+
+def lane_starts(n_steps: int, lanes: int) -> tuple[int, np.ndarray]:
+    """(lanes actually used, first section batch of each run) for ``n_steps`` batches cut into ``lanes`` runs."""
+    lanes = max(1, min(int(lanes), n_steps))
+    base, extra = divmod(n_steps, lanes)
+    counts = base + (np.arange(lanes) < extra)
+    return lanes, np.cumsum(counts) - counts
+
+
+class EpochPlan(CellOrder):
+    """Fixed-size batches of one epoch for one rank (steps 3-4 of the module docstring)."""
+
+    def __init__(self, lo: int, hi: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1, block_size: int = 256, buffer_blocks: int = 8, shuffle: bool = True,
+                 drop_last: bool = True, lanes: int = 4):
+        if batch_size < 1 or lanes < 1:
+            raise ValueError("batch_size and lanes must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        super().__init__(lo, hi, seed=seed, epoch=epoch, block_size=block_size, buffer_blocks=buffer_blocks,
+                         shuffle=shuffle)
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        per_step = self.batch_size * self.world_size
+        self.n_steps = self.n // per_step if drop_last else -(-self.n // per_step)
+        self.lanes, self._lane_start = lane_starts(self.n_steps, lanes)
+        self._cache_size = 2 * self.lanes + 2
+
+    def section_batch(self, step: int) -> int:
+        """Index of this rank's batch ``step`` within its section (batch ``step // lanes`` of run ``step % lanes``)."""
         if not 0 <= step < self.n_steps:
             raise IndexError(f"step {step} not in [0, {self.n_steps})")
-        section_batch = int(self._lane_start[step % self.lanes]) + step // self.lanes
-        start = (self.rank * self.n_steps + section_batch) * self.batch_size
+        return int(self._lane_start[step % self.lanes]) + step // self.lanes
+
+    def step_cells(self, step: int) -> np.ndarray:
+        """(B,) global cells of this rank's batch ``step``."""
+        start = (self.rank * self.n_steps + self.section_batch(step)) * self.batch_size
         return self.cells_at(np.arange(start, start + self.batch_size))
 
     def global_batch(self, step: int) -> int:

@@ -1,7 +1,7 @@
 """numba kernels of the collators: the per-cell random partition (masked / dropped / kept, `masking.py` explains the
-draw scheme; `masking.partition_numpy` is its reference) and the filling of the padded (B, L) batch arrays in one pass
-per cell (every slot written once, so the outputs are allocated with ``np.empty``; the collator tests compare the
-results with per-cell numpy expectations).
+draw scheme; `masking.partition_numpy` is its reference) and the filling of the token arrays in one pass per cell,
+for both layouts (padded (B, L) viewed flat, or packed back to back): every slot is written once, so the outputs are
+allocated with ``np.empty``; the collator tests compare the results with per-cell numpy expectations.
 """
 from __future__ import annotations
 
@@ -48,50 +48,55 @@ def partition_cells(indptr, n_mask, draw_ptr, uniforms, state):
 
 @numba.njit(cache=True, nogil=True)
 def fill_scgpt(indptr, cols, bins, state, gene_token_ids, cls_id, pad_id, mask_value, pad_value, ignore,
-               input_ids, values, labels, slot_genes, attention):
-    """scGPT rows: slot 0 ``<cls>`` (value 0), then the kept and masked genes in column order (masked: value
-    mask_value, label = bin), then padding. indptr (B+1,); cols (nnz,) int32; bins (nnz,) int64; state (nnz,) uint8;
-    outputs (B, L): input_ids int64, values float32, labels float32, slot_genes int64, attention bool."""
-    seq_len = input_ids.shape[1]
+               starts, caps, input_ids, values, labels, slot_genes):
+    """scGPT cells into flat token arrays: cell b owns slots ``[starts[b], starts[b] + caps[b])``: ``<cls>``
+    (value 0), then its kept and masked genes in column order (masked: value mask_value, label = bin), then padding
+    up to its capacity (none in the packed layout, where ``caps`` are the cells' lengths; the padded layout is
+    ``starts = b * L``, ``caps = L``). indptr (B+1,); cols (nnz,) int32; bins (nnz,) int64; state (nnz,) uint8;
+    outputs (T,): input_ids int64, values float32, labels float32, slot_genes int64."""
     for b in range(indptr.shape[0] - 1):
-        input_ids[b, 0] = cls_id
-        values[b, 0] = 0.0
-        labels[b, 0] = ignore
-        slot_genes[b, 0] = -1
-        attention[b, 0] = True
-        t = 1
+        p = starts[b]
+        input_ids[p] = cls_id
+        values[p] = 0.0
+        labels[p] = ignore
+        slot_genes[p] = -1
+        t = p + 1
         for e in range(indptr[b], indptr[b + 1]):
             s = state[e]
             if s == _DROPPED:
                 continue
             c = cols[e]
-            input_ids[b, t] = gene_token_ids[c]
-            slot_genes[b, t] = c
-            attention[b, t] = True
+            input_ids[t] = gene_token_ids[c]
+            slot_genes[t] = c
             if s == _MASKED:
-                values[b, t] = mask_value
-                labels[b, t] = np.float32(bins[e])
+                values[t] = mask_value
+                labels[t] = np.float32(bins[e])
             else:
-                values[b, t] = np.float32(bins[e])
-                labels[b, t] = ignore
+                values[t] = np.float32(bins[e])
+                labels[t] = ignore
             t += 1
-        for k in range(t, seq_len):
-            input_ids[b, k] = pad_id
-            values[b, k] = pad_value
-            labels[b, k] = ignore
-            slot_genes[b, k] = -1
-            attention[b, k] = False
+        for k in range(t, p + caps[b]):
+            input_ids[k] = pad_id
+            values[k] = pad_value
+            labels[k] = ignore
+            slot_genes[k] = -1
 
 
 @numba.njit(cache=True, nogil=True)
-def fill_scfoundation(indptr, cols, vals, state, gene_token_ids, pad_id, mask_value, pad_value, ignore,
-                      decoder, labels, input_ids, values, slot_genes, attention):
-    """scFoundation rows. Decoder (B, G) float32 (zeros on entry): every gene's value, mask_value at masked genes;
-    labels (B, G) float32 (ignore on entry): value at masked genes. Encoder (B, L): the KEPT genes in column order
-    (input_ids int64, values float32, slot_genes int64, attention bool), then padding."""
-    seq_len = input_ids.shape[1]
+def fill_scfoundation(indptr, cols, vals, state, gene_token_ids, pad_id, mask_value, pad_value, ignore, lead,
+                      decoder, labels, starts, caps, input_ids, values, slot_genes):
+    """scFoundation cells. Decoder (B, G) float32 (zeros on entry): every gene's value, mask_value at masked genes;
+    labels (B, G) float32 (ignore on entry): value at masked genes. Encoder, flat (T,): cell b owns slots
+    ``[starts[b], starts[b] + caps[b])``: ``lead`` reserved slots (the T and S total-count tokens of the packed
+    layout, which the model fills; written as padding here), the KEPT genes in column order (input_ids int64,
+    values float32, slot_genes int64), then padding up to the capacity."""
     for b in range(indptr.shape[0] - 1):
-        t = 0
+        p = starts[b]
+        for k in range(p, p + lead):
+            input_ids[k] = pad_id
+            values[k] = pad_value
+            slot_genes[k] = -1
+        t = p + lead
         for e in range(indptr[b], indptr[b + 1]):
             c = cols[e]
             s = state[e]
@@ -101,13 +106,11 @@ def fill_scfoundation(indptr, cols, vals, state, gene_token_ids, pad_id, mask_va
                 continue
             decoder[b, c] = vals[e]
             if s == _KEPT:
-                input_ids[b, t] = gene_token_ids[c]
-                values[b, t] = vals[e]
-                slot_genes[b, t] = c
-                attention[b, t] = True
+                input_ids[t] = gene_token_ids[c]
+                values[t] = vals[e]
+                slot_genes[t] = c
                 t += 1
-        for k in range(t, seq_len):
-            input_ids[b, k] = pad_id
-            values[b, k] = pad_value
-            slot_genes[b, k] = -1
-            attention[b, k] = False
+        for k in range(t, p + caps[b]):
+            input_ids[k] = pad_id
+            values[k] = pad_value
+            slot_genes[k] = -1

@@ -3,23 +3,34 @@
 Implementations (`config._attn_implementation`, transformers' own field, resolved once at model build):
 - `eager`: explicit softmax(QK^T/sqrt(d))V in float32 softmax; the reference, and the only one that returns weights.
 - `sdpa` (default): `torch.nn.functional.scaled_dot_product_attention` with a boolean key-padding mask.
-- `flash_attention_2`: flash-attn's varlen kernel on unpadded tokens (`flash_attn_varlen_func` with cu_seqlens), so
-  padding costs no FLOPs. Needs the `flash-attn` package and a CUDA GPU (`pip install grnformer_ds[flash]`).
+- `varlen`: torch's own `torch.nn.attention.varlen.varlen_attn` (FlashAttention kernels inside PyTorch >= 2.10, CUDA,
+  bf16/fp16, no extra package); it has no attention dropout, so training with `attention_probs_dropout_prob > 0`
+  is refused.
+- `flash_attention_2`: flash-attn's `flash_attn_varlen_func`. Needs the `flash-attn` package and a CUDA GPU
+  (`pip install grnformer_ds[flash]`).
 
-Masks are (B, L) booleans, True = real token (HF convention). Only keys are masked for eager/sdpa: padded query rows
-produce finite values that nothing downstream reads. The flash path returns zeros at padded query rows.
+Two batch layouts reach it:
+- padded (B, L, ...) with (B, L) boolean masks (True = real token, HF convention). eager/sdpa mask the keys only
+  (padded query rows produce finite values nothing downstream reads); varlen/flash unpad q, k and v, run the varlen
+  kernel and pad the output back (zeros at padded query rows).
+- packed (1, T, ...), cells back to back, with a `PackedSequences` per side (query, key): the varlen metadata, built
+  ONCE per batch by the model and passed to every layer (torchtitan's rule), so no layer unpads or syncs with the
+  host. varlen/flash run on the packed tokens directly; eager/sdpa (the CPU path and the reference) run on a
+  per-sequence padded view of the same tokens, gathered and scattered back with indices built once per batch:
+  plain tensor ops with no data-dependent shapes, so `torch.compile` traces them without a graph break.
 """
 from __future__ import annotations
 
 import importlib.util
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "varlen", "flash_attention_2")
 FLASH_INSTALL_HINT = "pip install 'grnformer_ds[flash]'"
 
 
@@ -27,7 +38,8 @@ def resolve_attn_implementation(requested: str | None) -> str:
     """Validate the requested implementation and return the one to use (None -> "sdpa").
 
     flash_attention_2 is refused with an ImportError naming the pip extra when flash-attn is not installed or no CUDA
-    device is visible; there is no silent fallback, so a run never trains with another kernel than it asked for.
+    device is visible, varlen when torch has no `varlen_attn` or no CUDA device is visible; there is no silent
+    fallback, so a run never trains with another kernel than it asked for.
     """
     impl = "sdpa" if requested is None else requested
     if impl not in ATTN_IMPLEMENTATIONS:
@@ -45,12 +57,64 @@ def resolve_attn_implementation(requested: str | None) -> str:
                 "attn_implementation='flash_attention_2' needs a CUDA GPU and none is visible; "
                 "use attn_implementation='sdpa' on this machine"
             )
+    if impl == "varlen":
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+            raise ImportError(f"attn_implementation='varlen' needs torch >= 2.10 (torch.nn.attention.varlen); "
+                              f"this is torch {torch.__version__}: use attn_implementation='sdpa'")
+        if not torch.cuda.is_available():
+            raise ImportError("attn_implementation='varlen' needs a CUDA GPU and none is visible; "
+                              "use attn_implementation='sdpa' on this machine")
     return impl
 
 
 # --------------------------------------------------------------------------------------------------------------
-# unpad / pad helpers for the varlen flash kernel (pure torch so that they are testable on CPU; flash_attn's own
-# bert_padding helpers need the CUDA extension to import)
+# packed sequences: the varlen metadata of one side (queries or keys) of a packed batch
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedSequences:
+    """Where each sequence of a packed (1, T) row starts, built once per batch and shared by every layer.
+
+    cu_seqlens: (S+1,) int32 offsets (first 0, last T). max_seqlen: int, >= the longest sequence (an upper bound is
+    fine: the kernels size their grids with it). seq_ids: (T,) int64 sequence of each token.
+    For the eager / sdpa path (`with_padded_view`): gather (S, M) int64 packed position of slot m of sequence s
+    (clamped in range), valid (S, M) bool, scatter (T,) int64 position of each token in the flattened (S * M) view;
+    M = max_seqlen.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    seq_ids: torch.Tensor
+    gather: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    scatter: torch.Tensor | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int, total: int,
+              with_padded_view: bool = False) -> "PackedSequences":
+        """From the batch's ``cu_seq_lens`` (S+1,) and ``max_length``; ``total`` = T (static)."""
+        cu = cu_seqlens.to(torch.int32)
+        starts = cu.to(torch.int64)
+        positions = torch.arange(total, device=cu.device)
+        seq_ids = torch.searchsorted(starts[1:], positions, right=True)
+        out = cls(cu, int(max_seqlen), seq_ids)
+        if with_padded_view:
+            slot = torch.arange(int(max_seqlen), device=cu.device)
+            lengths = starts[1:] - starts[:-1]
+            out.valid = slot[None, :] < lengths[:, None]
+            out.gather = (starts[:-1, None] + slot[None, :]).clamp(max=max(total - 1, 0))
+            out.scatter = seq_ids * int(max_seqlen) + (positions - starts[seq_ids])
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# unpad / pad helpers for the varlen kernels on padded batches (pure torch so that they are testable on CPU;
+# flash_attn's own bert_padding helpers need the CUDA extension to import)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -80,7 +144,7 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the three kernels; q/k/v are (B, L, heads, head_dim)
+# kernels on padded (B, L, heads, head_dim) tensors
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -103,7 +167,11 @@ def sdpa_attention(q, k, v, kv_mask, dropout_p: float, scale: float):
     return out.transpose(1, 2)
 
 
-_FLASH_DTYPE_WARNED = False
+# --------------------------------------------------------------------------------------------------------------
+# varlen kernels on packed (N, heads, head_dim) tensors; all share flash-attn's keyword signature
+# --------------------------------------------------------------------------------------------------------------
+
+_LOW_PRECISION_WARNED = False
 
 
 def _flash_varlen_func():
@@ -113,13 +181,42 @@ def _flash_varlen_func():
     return flash_attn_varlen_func
 
 
-def flash_attention(q, k, v, q_mask, kv_mask, dropout_p: float, scale: float, varlen_func=None):
-    """flash-attn varlen attention on unpadded tokens; zeros at padded query rows.
+def _torch_varlen_func():
+    """torch's `varlen_attn` behind flash-attn's keyword signature (no dropout; the default 1/sqrt(d) scale, which is
+    GRNFormer's, so the `scale` keyword that torch 2.10 lacks is never needed)."""
+    from torch.nn.attention.varlen import varlen_attn
 
-    fp32 inputs are cast to bf16 for the kernel (flash-attn has no fp32 path) and the output cast back, with a
-    one-time warning, as transformers does. `varlen_func` lets tests substitute a reference kernel.
-    """
-    global _FLASH_DTYPE_WARNED
+    def run(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal):
+        if dropout_p > 0:
+            raise ValueError("attn_implementation='varlen' (torch varlen_attn) has no attention dropout; set "
+                             "attention_probs_dropout_prob=0 or use 'flash_attention_2' or 'sdpa'")
+        if causal:
+            raise ValueError("GRNFormer attention is bidirectional")
+        return varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+    return run
+
+
+def _varlen_func(impl: str):
+    return _flash_varlen_func() if impl == "flash_attention_2" else _torch_varlen_func()
+
+
+def _low_precision(*tensors):
+    """The CUDA varlen kernels take fp16/bf16 only: fp32 inputs are cast to bf16 (a one-time warning, as
+    transformers does). Tests substitute CPU reference kernels in float32, which stay as they are."""
+    global _LOW_PRECISION_WARNED
+    if tensors[0].dtype in (torch.float16, torch.bfloat16) or not tensors[0].is_cuda:
+        return tensors
+    if not _LOW_PRECISION_WARNED:
+        warnings.warn("a varlen attention kernel got float32 inputs; casting q/k/v to bfloat16 for the kernel")
+        _LOW_PRECISION_WARNED = True
+    return tuple(t.to(torch.bfloat16) for t in tensors)
+
+
+def flash_attention(q, k, v, q_mask, kv_mask, dropout_p: float, scale: float, varlen_func=None):
+    """A varlen kernel on a padded batch: unpad, run, pad back (zeros at padded query rows).
+
+    `varlen_func` (flash-attn's signature) defaults to flash-attn's; tests substitute a reference kernel."""
     fn = varlen_func or _flash_varlen_func()
     batch, q_len = q.shape[:2]
     k_len = k.shape[1]
@@ -128,12 +225,7 @@ def flash_attention(q, k, v, q_mask, kv_mask, dropout_p: float, scale: float, va
     if kv_mask is None:
         kv_mask = torch.ones(batch, k_len, dtype=torch.bool, device=k.device)
     in_dtype = q.dtype
-    # (only CUDA tensors reach the real kernel; the test reference kernels run on CPU in float32)
-    if in_dtype not in (torch.float16, torch.bfloat16) and q.is_cuda:
-        if not _FLASH_DTYPE_WARNED:
-            warnings.warn("flash_attention_2 got float32 inputs; casting q/k/v to bfloat16 for the kernel")
-            _FLASH_DTYPE_WARNED = True
-        q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+    q, k, v = _low_precision(q, k, v)
     q_packed, q_idx, cu_q, max_q = unpad_input(q, q_mask)
     k_packed, _, cu_k, max_k = unpad_input(k, kv_mask)
     v_packed, _, _, _ = unpad_input(v, kv_mask)
@@ -143,6 +235,31 @@ def flash_attention(q, k, v, q_mask, kv_mask, dropout_p: float, scale: float, va
         dropout_p=dropout_p, softmax_scale=scale, causal=False,
     )
     return pad_input(out.to(in_dtype), q_idx, batch, q_len)
+
+
+def packed_varlen_attention(q, k, v, q_seq: PackedSequences, kv_seq: PackedSequences, dropout_p: float,
+                            scale: float, varlen_func):
+    """A varlen kernel on packed tokens: q (Tq, h, d), k / v (Tk, h, d) -> (Tq, h, d). No unpadding, no host sync."""
+    in_dtype = q.dtype
+    q, k, v = _low_precision(q, k, v)
+    out = varlen_func(q, k, v, cu_seqlens_q=q_seq.cu_seqlens, cu_seqlens_k=kv_seq.cu_seqlens,
+                      max_seqlen_q=q_seq.max_seqlen, max_seqlen_k=kv_seq.max_seqlen, dropout_p=dropout_p,
+                      softmax_scale=scale, causal=False)
+    return out.to(in_dtype)
+
+
+def packed_padded_view_attention(q, k, v, q_seq: PackedSequences, kv_seq: PackedSequences, dropout_p: float,
+                                 scale: float, eager: bool):
+    """eager / sdpa on packed tokens through a per-sequence padded view: q (Tq, h, d), k / v (Tk, h, d) ->
+    (out (Tq, h, d), weights (S, h, Mq, Mk) float32 or None)."""
+    n_seq = q_seq.num_sequences
+    qp, kp, vp = q[q_seq.gather], k[kv_seq.gather], v[kv_seq.gather]  # (S, M, h, d)
+    if eager:
+        out, weights = eager_attention(qp, kp, vp, kv_seq.valid, dropout_p, scale)
+    else:
+        out, weights = sdpa_attention(qp, kp, vp, kv_seq.valid, dropout_p, scale), None
+    flat = out.reshape(n_seq * q_seq.max_seqlen, *out.shape[2:])
+    return flat[q_seq.scatter], weights
 
 
 class GRNFormerAttention(nn.Module):
@@ -177,34 +294,50 @@ class GRNFormerAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         kv_attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        packed: PackedSequences | None = None,
+        kv_packed: PackedSequences | None = None,
     ):
         """
         Args:
-            hidden_states: (B, Lq, H) queries (and keys/values for self-attention).
-            attention_mask: (B, Lq) bool, True = real query token.
-            key_value_states: (B, Lk, Hkv) for cross-attention; None = self-attention.
+            hidden_states: (B, Lq, H) queries (and keys/values for self-attention); packed: (1, Tq, H).
+            attention_mask: (B, Lq) bool, True = real query token (padded layout only).
+            key_value_states: (B, Lk, Hkv) for cross-attention; None = self-attention. Packed: (1, Tk, Hkv).
             kv_attention_mask: (B, Lk) bool for the keys; None = `attention_mask` (self-attention).
-            output_attentions: also return the (B, heads, Lq, Lk) float32 weights; computed with the eager kernel
-                whatever the configured implementation (same math, only slower).
+            output_attentions: also return the weights ((B, heads, Lq, Lk) float32; packed: (S, heads, Mq, Mk) per
+                sequence), computed with the eager kernel whatever the configured implementation (same math).
+            packed / kv_packed: the `PackedSequences` of the queries / keys of a packed batch (kv_packed defaults to
+                packed).
         Returns:
-            (B, Lq, H) output, and the weights or None.
+            (B, Lq, H) output (packed: (1, Tq, H)), and the weights or None.
         """
         is_cross = key_value_states is not None
         kv_in = key_value_states if is_cross else hidden_states
-        kv_mask = kv_attention_mask if is_cross else attention_mask
         batch, q_len, _ = hidden_states.shape
         k_len = kv_in.shape[1]
         q = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim)
         k = self.k_proj(kv_in).view(batch, k_len, self.num_heads, self.head_dim)
         v = self.v_proj(kv_in).view(batch, k_len, self.num_heads, self.head_dim)
         p = self.dropout if self.training else 0.0
+        impl = self.attn_implementation
 
         weights = None
-        if output_attentions or self.attn_implementation == "eager":
-            out, weights = eager_attention(q, k, v, kv_mask, p, self.scale)
-        elif self.attn_implementation == "sdpa":
-            out = sdpa_attention(q, k, v, kv_mask, p, self.scale)
+        if packed is not None:
+            kv_packed = kv_packed or packed
+            q, k, v = q[0], k[0], v[0]
+            if output_attentions or impl in ("eager", "sdpa"):
+                out, weights = packed_padded_view_attention(q, k, v, packed, kv_packed, p, self.scale,
+                                                            eager=output_attentions or impl == "eager")
+            else:
+                out = packed_varlen_attention(q, k, v, packed, kv_packed, p, self.scale, _varlen_func(impl))
+            out = out[None]
         else:
-            out = flash_attention(q, k, v, attention_mask, kv_mask, p, self.scale)
+            kv_mask = kv_attention_mask if is_cross else attention_mask
+            if output_attentions or impl == "eager":
+                out, weights = eager_attention(q, k, v, kv_mask, p, self.scale)
+            elif impl == "sdpa" or (attention_mask is None and kv_mask is None):
+                # no padding at all (e.g. scFoundation's all-gene decoder): SDPA picks its flash kernel on GPU
+                out = sdpa_attention(q, k, v, kv_mask, p, self.scale)
+            else:
+                out = flash_attention(q, k, v, attention_mask, kv_mask, p, self.scale, _varlen_func(impl))
         out = self.o_proj(out.reshape(batch, q_len, -1))
         return out, (weights if output_attentions else None)

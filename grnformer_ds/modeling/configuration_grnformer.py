@@ -19,6 +19,7 @@ VALUE_ENCODINGS = ("continuous", "categorical", "autobin")
 GNN_TYPES = ("sage", "gcn", "gin", "gat")
 FUSION_POSITIONS = ("replace", "after")
 GNN_NODE_INPUTS = ("gene", "gene+value")
+GNN_AGGREGATIONS = ("scatter", "csr")
 CELL_POOLINGS = ("cls", "all", "max", "mean")
 GRAPH_SCALES = ("celltype", "cell")
 
@@ -61,6 +62,8 @@ class GRNFormerConfig(PretrainedConfig):
             edge_attr); SAGE and GIN ignore weights.
         gnn_node_input (`str`, "gene+value"): node features = gene embedding (+ the cell's value embedding).
         graph_scales (`list[str]`, ["celltype", "cell"]): which graph scales to use; node embeddings are summed.
+        gnn_aggregation (`str`, "scatter"): how messages reach their nodes: "scatter" (PyG's per-edge scatter-add)
+            or "csr" (a sparse adjacency product over destination-sorted graphs; `gnn.StructureEncoder`).
     Fusion (graph topological adapter):
         fusion_position (`str`, "replace"): "replace" the last encoder layer (paper default) or "after" it.
         fusion_num_attention_heads (`int`, None = num_attention_heads).
@@ -110,6 +113,7 @@ class GRNFormerConfig(PretrainedConfig):
         gnn_use_edge_weight: bool = True,
         gnn_node_input: str = "gene+value",
         graph_scales: list[str] | tuple[str, ...] = GRAPH_SCALES,
+        gnn_aggregation: str = "scatter",
         fusion_position: str = "replace",
         fusion_num_attention_heads: int | None = None,
         fusion_beta_init: float = 1.0,
@@ -157,6 +161,7 @@ class GRNFormerConfig(PretrainedConfig):
         self.gnn_use_edge_weight = gnn_use_edge_weight
         self.gnn_node_input = gnn_node_input
         self.graph_scales = list(graph_scales)
+        self.gnn_aggregation = gnn_aggregation
         self.fusion_position = fusion_position
         self.fusion_num_attention_heads = fusion_num_attention_heads
         self.fusion_beta_init = fusion_beta_init
@@ -177,6 +182,7 @@ class GRNFormerConfig(PretrainedConfig):
         choice("fusion_position", FUSION_POSITIONS)
         choice("gnn_node_input", GNN_NODE_INPUTS)
         choice("cell_embedding_pooling", CELL_POOLINGS)
+        choice("gnn_aggregation", GNN_AGGREGATIONS)
         for scale in self.graph_scales:
             if scale not in GRAPH_SCALES:
                 raise ValueError(f"GRNFormerConfig: graph_scales has {scale!r}, allowed {list(GRAPH_SCALES)}")

@@ -24,15 +24,17 @@ class GraphFusionAdapter(nn.Module):
         self.beta = nn.Parameter(torch.full((1,), float(config.fusion_beta_init)))
 
     def forward(self, h_expr: torch.Tensor, h_struct: torch.Tensor, query_mask: torch.Tensor | None,
-                key_mask: torch.Tensor | None, output_attentions: bool = False):
+                key_mask: torch.Tensor | None, output_attentions: bool = False, packed=None, kv_packed=None):
         """
         Args:
-            h_expr: (B, Lq, H) expression states (queries).
-            h_struct: (B, Lk, H) structure states (keys/values).
-            query_mask: (B, Lq) bool, True = real token; key_mask: (B, Lk) bool.
+            h_expr: (B, Lq, H) expression states (queries); packed: (1, Tq, H).
+            h_struct: (B, Lk, H) structure states (keys/values); packed: (1, Tk, H), the same cells' tokens.
+            query_mask: (B, Lq) bool, True = real token; key_mask: (B, Lk) bool (padded layout).
+            packed / kv_packed: `attention.PackedSequences` of the queries / keys (packed layout).
         Returns:
-            fused (B, Lq, H), weights (B, heads, Lq, Lk) or None.
+            fused (B, Lq, H), weights (B, heads, Lq, Lk) (packed: per cell (S, heads, Mq, Mk)) or None.
         """
         h_fusion, weights = self.cross_attn(h_expr, query_mask, key_value_states=self.struct_norm(h_struct),
-                                            kv_attention_mask=key_mask, output_attentions=output_attentions)
+                                            kv_attention_mask=key_mask, output_attentions=output_attentions,
+                                            packed=packed, kv_packed=kv_packed)
         return h_expr + self.beta.to(h_expr.dtype) * self.dropout(h_fusion), weights

@@ -35,9 +35,13 @@ class MVCDecoder(nn.Module):
         self.query_activation = nn.Sigmoid()
         self.W = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def forward(self, cell_embedding: torch.Tensor, gene_embeddings: torch.Tensor) -> torch.Tensor:
-        """cell (B, H), genes (B, L, H) -> (B, L) predicted values."""
+    def forward(self, cell_embedding: torch.Tensor, gene_embeddings: torch.Tensor,
+                seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """cell (B, H), genes (B, L, H) -> (B, L) predicted values; packed: genes (1, T, H) and seq_ids (T,) the cell
+        of each token (indices into cell_embedding) -> (1, T)."""
         query = self.query_activation(self.gene2query(gene_embeddings))
+        if seq_ids is not None:
+            return (self.W(query)[0] * cell_embedding[seq_ids]).sum(-1)[None]
         return torch.bmm(self.W(query), cell_embedding.unsqueeze(-1)).squeeze(-1)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention import GRNFormerAttention
+from .attention import GRNFormerAttention, PackedSequences
 
 
 class GRNFormerFeedForward(nn.Module):
@@ -27,7 +27,8 @@ class GRNFormerFeedForward(nn.Module):
 
 
 class GRNFormerLayer(GradientCheckpointingLayer):
-    """One encoder layer. Input/output (B, L, H); `attention_mask` (B, L) bool, True = real token."""
+    """One encoder layer. Input/output (B, L, H) with `attention_mask` (B, L) bool, True = real token; or packed
+    (1, T, H) with `packed` (`attention.PackedSequences`, built once per batch)."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, hidden_act: str,
                  hidden_dropout: float, attention_dropout: float, layer_norm_eps: float, norm_first: bool,
@@ -41,13 +42,14 @@ class GRNFormerLayer(GradientCheckpointingLayer):
         self.dropout2 = nn.Dropout(hidden_dropout)
         self.ffn = GRNFormerFeedForward(hidden_size, intermediate_size, hidden_act, hidden_dropout)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                packed: PackedSequences | None = None) -> torch.Tensor:
         x = hidden_states
         if self.norm_first:
-            x = x + self.dropout1(self.self_attn(self.norm1(x), attention_mask)[0])
+            x = x + self.dropout1(self.self_attn(self.norm1(x), attention_mask, packed=packed)[0])
             x = x + self.dropout2(self.ffn(self.norm2(x)))
         else:
-            x = self.norm1(x + self.dropout1(self.self_attn(x, attention_mask)[0]))
+            x = self.norm1(x + self.dropout1(self.self_attn(x, attention_mask, packed=packed)[0]))
             x = self.norm2(x + self.dropout2(self.ffn(x)))
         return x
 

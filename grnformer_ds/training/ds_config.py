@@ -5,6 +5,10 @@ a value given in the JSON (not "auto") and the same value given on the command l
 is refused with one line naming both; whichever is given wins; "auto"/absent on both sides takes the default.
 `train_batch_size` is always `micro * accum * world_size`; a JSON value that disagrees is refused (a JSON value
 with no accumulation given anywhere sets the accumulation, as DeepSpeed itself does).
+
+Batch layout: a micro batch size given anywhere (command line or JSON) selects padded micro-batches of that many
+cells; otherwise micro-batches are token-packed (`--max-tokens`) and DeepSpeed is told a micro batch of 1 (one packed
+row per micro-step: DeepSpeed only counts with it, it never looks at a batch's shape).
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ class ResolvedConfig:
     zero_stage: int
     client_optimizer: bool  # True: the trainer passes torch AdamW; False: the JSON's "optimizer" block builds it
     notes: list[str] = field(default_factory=list)  # decisions the launcher should print (e.g. a precision fallback)
+    packed: bool = False  # token-packed micro-batches (micro_batch_size is then DeepSpeed's bookkeeping 1)
 
     @property
     def train_batch_size(self) -> int:
@@ -76,9 +81,13 @@ def resolve_ds_config(cfg: dict[str, Any], settings: RunSettings, world_size: in
     b = settings.batch
     micro = _agree(cfg.get("train_micro_batch_size_per_gpu"), b.micro_batch_size,
                    "train_micro_batch_size_per_gpu", "--micro-batch-size", path)
+    packed = micro is None
+    if not packed and (b.max_tokens is not None or b.pad_to_max_tokens):
+        raise UserInputError(f'"train_micro_batch_size_per_gpu" is {micro}, which selects padded batches, but '
+                             f'--max-tokens / --pad-to-max-tokens select packed ones; set it to "auto" to pack', path)
     accum = _agree(cfg.get("gradient_accumulation_steps"), b.grad_accum,
                    "gradient_accumulation_steps", "--grad-accum", path)
-    micro = micro or b.default_micro_batch_size
+    micro = micro or 1  # packed: one packed row per micro-step
     tbs = cfg.get("train_batch_size")
     if accum is None and _given(tbs):
         if tbs % (micro * world_size):
@@ -144,4 +153,4 @@ def resolve_ds_config(cfg: dict[str, Any], settings: RunSettings, world_size: in
             raise UserInputError(f'"{key}" is "auto" but nothing fills it; give a value', path)
     return ResolvedConfig(ds_config=cfg, micro_batch_size=micro, grad_accum=accum, world_size=world_size,
                           precision=precision, zero_stage=int(stage), client_optimizer=opt is None,
-                          notes=notes)
+                          notes=notes, packed=packed)

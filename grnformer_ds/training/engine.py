@@ -12,6 +12,11 @@ ZeRO-3 notes:
   (ZeROOrderedDict); a forward that bypasses the engine needs `register_external_parameters()` first.
 * `stage3_gather_16bit_weights_on_model_save` (on in ds_configs/zero3.json) lets `engine.save_16bit_model` gather full
   weights; the HF export instead consolidates the fp32 master weights from the checkpoint (`consolidate_fp32`).
+* ZeRO-3 leaf modules: the model's blocks (its HF `_no_split_modules`: encoder layers, the fusion adapter, the
+  structure encoder) are marked `set_z3_leaf_modules` before `deepspeed.initialize`, so ZeRO-3 fetches and releases
+  a block's parameters once, at the block, instead of with hooks on every Linear / LayerNorm inside it (the per-module
+  fetch / release is what made ZeRO-3 several times slower than plain torch for sub-100M models, BENCHMARKS.md), and
+  a compiled block (compile.py) has no ZeRO hook inside it to break its graph.
 """
 from __future__ import annotations
 
@@ -133,12 +138,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def block_classes(model: torch.nn.Module) -> list[type]:
+    """The classes of the model's blocks: transformers' `_no_split_modules` names (found among the model's
+    modules; an empty list for models without it)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return list({type(m) for m in model.modules() if type(m).__name__ in names})
+
+
 def build_engine(model: torch.nn.Module, resolved: ResolvedConfig, lr: float, weight_decay: float,
-                 betas: tuple[float, float], eps: float, scheduler_fn: Callable, has_gpu: bool):
+                 betas: tuple[float, float], eps: float, scheduler_fn: Callable, has_gpu: bool,
+                 leaf_blocks: bool = True):
     """`deepspeed.initialize` with torch AdamW as client optimizer (unless the JSON has an "optimizer" block) and our
-    warmup + cosine schedule. Returns the engine; `engine.optimizer`, `engine.lr_scheduler` hold the rest."""
+    warmup + cosine schedule. Under ZeRO-3 the model's blocks become leaf modules (module docstring; `leaf_blocks`
+    False keeps DeepSpeed's per-module hooks, for comparison). Returns the engine; `engine.optimizer`,
+    `engine.lr_scheduler` hold the rest."""
     import deepspeed
 
+    if resolved.zero_stage == 3 and leaf_blocks and block_classes(model):
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, block_classes(model))
     groups = param_groups(model, weight_decay)
     optimizer = None
     if resolved.client_optimizer:

@@ -161,13 +161,57 @@ class EvalBatches:
         return iter(self.dataset)
 
 
+def choose_kernels(config, settings, info, say) -> None:
+    """Set the run's attention implementation on the model config (`compile.choose_attn_implementation`), refusing
+    one that cannot run here in one line."""
+    from grnformer_ds.modeling import resolve_attn_implementation
+    from grnformer_ds.training.compile import choose_attn_implementation
+
+    impl, note = choose_attn_implementation(settings.attn_implementation, config, info.has_gpu)
+    try:
+        impl = resolve_attn_implementation(impl)
+    except (ImportError, ValueError) as exc:
+        raise UserInputError(f"--attn-implementation: {exc}") from None
+    if impl == "varlen" and config.attention_probs_dropout_prob > 0:
+        raise UserInputError(f"--attn-implementation varlen: torch's varlen_attn has no attention dropout and the "
+                             f"model has attention_probs_dropout_prob={config.attention_probs_dropout_prob}; set it "
+                             f"to 0 in --config, or use flash_attention_2 / sdpa")
+    config._attn_implementation = impl
+    if note:
+        say(f"note: {note}")
+
+
+def resolve_batch_layout(config, settings, resolved, info, args) -> None:
+    """Fill the packed layout's defaults into `settings.batch` (the one place they are decided): the token budget
+    (`settings.default_max_tokens` of the backbone's longest cell) and padding to it (on when compiling)."""
+    from grnformer_ds.data.dataset import DEFAULT_MAX_SEQ_LEN, longest_cell_tokens
+    from grnformer_ds.training.settings import default_max_tokens
+
+    b = settings.batch
+    if not resolved.packed:
+        return
+    longest = longest_cell_tokens(config.backbone, getattr(args, "max_seq_len", None) or DEFAULT_MAX_SEQ_LEN)
+    if b.max_tokens is None:
+        b.max_tokens = default_max_tokens(longest, info.has_gpu)
+    if b.max_tokens < longest:
+        raise UserInputError(f"--max-tokens {b.max_tokens} is smaller than the longest cell, {longest} tokens for "
+                             f"the {config.backbone} backbone (raise it, or lower --max-seq-len)")
+    if b.pad_to_max_tokens is None:
+        b.pad_to_max_tokens = settings.compile
+
+
 def build_datasets(store_path: str, config, settings, resolved, info, args):
-    """(train loader with state_dict/load_state_dict, held-out EvalBatches or None)."""
+    """(train loader with state_dict/load_state_dict, held-out EvalBatches or None). Packed micro-batches of
+    `settings.batch.max_tokens` tokens (`resolve_batch_layout` first) or padded ones of the resolved micro batch;
+    graphs in the structure encoder's final form (undirected as the config says, sorted by destination)."""
     from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset
 
-    kw: dict[str, Any] = dict(batch_size=resolved.micro_batch_size, seed=settings.seed, rank=info.rank,
-                              world_size=info.world_size, backbone=config.backbone, graphs=bool(config.use_graph),
-                              mask_value=config.mask_value, pad_value=config.pad_value)
+    layout = (dict(max_tokens=settings.batch.max_tokens, pad_to_max_tokens=bool(settings.batch.pad_to_max_tokens))
+              if resolved.packed else dict(batch_size=resolved.micro_batch_size))
+    kw: dict[str, Any] = dict(seed=settings.seed, rank=info.rank, world_size=info.world_size,
+                              backbone=config.backbone, graphs=bool(config.use_graph), graph_layout="csr",
+                              undirected_graphs=bool(config.gnn_add_reverse_edges),
+                              mask_value=config.mask_value, pad_value=config.pad_value, **layout)
     if config.backbone == "scgpt":
         kw["n_bins"] = config.n_bins
     if getattr(args, "max_seq_len", None):

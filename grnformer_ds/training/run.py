@@ -43,8 +43,10 @@ def settings_from_args(args: Namespace) -> RunSettings:
         eval_batches=args.eval_batches, save_every=args.save_every or d["save_every"], keep_last=args.keep_last,
         log_every=args.log_every, seed=args.seed, precision=args.precision, max_nonfinite=args.max_nonfinite,
         resume=args.resume, num_workers=args.num_workers, export=not args.no_export, progress=not args.no_progress,
+        compile=bool(getattr(args, "compile", False)), attn_implementation=getattr(args, "attn_implementation", None),
         mlflow_tracking_uri=args.mlflow_tracking_uri, experiment_name=args.experiment_name, run_name=args.run_name,
-        batch=BatchSettings(args.micro_batch_size, args.grad_accum),
+        batch=BatchSettings(args.micro_batch_size, args.grad_accum, getattr(args, "max_tokens", None),
+                            getattr(args, "pad_to_max_tokens", None)),
         optim=OptimSettings(lr=args.lr or d["lr"], weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                             min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip))
 
@@ -85,9 +87,7 @@ def run_pretraining(args: Namespace) -> int:
     for note in resolved.notes:
         say(f"note: {note}")
     say(f"grnformer_ds pretrain: {info.world_size} rank(s) on {info.device.type}, ZeRO stage {resolved.zero_stage}, "
-        f"{resolved.precision}, micro batch {resolved.micro_batch_size} x accum {resolved.grad_accum} x "
-        f"{info.world_size} = {resolved.train_batch_size} cells/step, {settings.max_steps} steps → "
-        f"{os.path.abspath(settings.output_dir)}")
+        f"{resolved.precision}, {settings.max_steps} steps → {os.path.abspath(settings.output_dir)}")
 
     # ---- never mix two runs in one output dir (the checkpoints and metrics.jsonl would interleave)
     ckpt_root = os.path.join(settings.output_dir, "checkpoints")
@@ -122,6 +122,13 @@ def run_pretraining(args: Namespace) -> int:
     # ---- model config (vocabulary must fit) and model
     preset = args.model_preset or (DEMO["preset"] if settings.data is None else FULL["preset"])
     config = I.build_model_config(store, preset, args.config, backbone=args.backbone, use_graph=not args.no_graph)
+    I.choose_kernels(config, settings, info, say)
+    I.resolve_batch_layout(config, settings, resolved, info, args)
+    b = settings.batch
+    per_step = (f"packed micro-batches of <= {b.max_tokens} tokens{' (padded to it)' if b.pad_to_max_tokens else ''}"
+                if resolved.packed else f"micro batch {resolved.micro_batch_size} cells (padded)")
+    say(f"batch: {per_step} x accum {resolved.grad_accum} x {info.world_size} rank(s) per step; attention "
+        f"{config._attn_implementation}{', torch.compile' if settings.compile else ''}")
     torch.manual_seed(settings.seed)  # identical initial weights on every rank (ZeRO partitions each rank's copy)
     zero_init = args.zero_init == "on" or (args.zero_init == "auto" and I.wants_zero_init(config))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved.precision, torch.float32)
@@ -139,6 +146,12 @@ def run_pretraining(args: Namespace) -> int:
     engine = E.build_engine(model, resolved, o.lr, o.weight_decay, o.betas, o.eps,
                             lambda opt: build_scheduler(opt, warmup, settings.max_steps, o.min_lr_ratio),
                             has_gpu=info.has_gpu)
+    prepare_batch = None
+    if settings.compile:
+        from grnformer_ds.training.compile import compile_engine, mark_dynamic
+
+        compile_engine(engine)
+        prepare_batch = mark_dynamic
     torch.manual_seed(settings.seed + 1000 * info.rank)  # dropout differs across ranks, reproducibly
 
     # ---- tracking (rank 0)
@@ -153,6 +166,10 @@ def run_pretraining(args: Namespace) -> int:
         write_run_assets(ckpt_root, config, I.store_vocab(store))
         resolved_path = os.path.join(settings.output_dir, "ds_config.resolved.json")
         ckpt.atomic_write_text(resolved_path, json.dumps(resolved.ds_config, indent=1))
+        run_path = os.path.join(settings.output_dir, "run_settings.resolved.json")
+        ckpt.atomic_write_text(run_path, json.dumps({**settings.to_flat_dict(), "packed": resolved.packed,
+                                                     "attn_implementation": config._attn_implementation},
+                                                    indent=1))
         tracker.log_params({k: v for k, v in settings.to_flat_dict().items() if k != "resume"}, prefix="run.")
         tracker.log_params(config.to_diff_dict(), prefix="model.")
         tracker.log_params({"preset": preset, "n_params": n_params, "world_size": info.world_size,
@@ -160,14 +177,16 @@ def run_pretraining(args: Namespace) -> int:
         tracker.log_params(resolved.ds_config, prefix="ds.")
         tracker.log_params(I.store_summary(store, store_path), prefix="store.")
         tracker.log_artifact(resolved_path, "configs")
+        tracker.log_artifact(run_path, "configs")
         tracker.log_artifact(os.path.join(ckpt_root, "model_config.json"), "configs")
         tracker.log_artifact(os.path.join(ckpt_root, "vocab.json"), "configs")
         if tracker.run_id:
             say(f"MLflow run {tracker.run_id} at {uri}")
 
-    flops_info = {"n_params": n_params, "n_layers": config.num_hidden_layers, "d_model": config.hidden_size}
+    from grnformer_ds.training.throughput import flops_profile
+
     trainer = Trainer(engine, settings, resolved, train_batches, eval_batches, tracker, info.is_main,
-                      flops_info=flops_info)
+                      flops_info=flops_profile(model), prepare_batch=prepare_batch)
     status = "FAILED"
     try:
         trainer.maybe_resume()

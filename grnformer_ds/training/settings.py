@@ -17,17 +17,39 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 @dataclass
 class BatchSettings:
-    """Per-rank micro batch (cells) and gradient accumulation. None = take it from the DeepSpeed JSON or default."""
+    """Per-rank micro-batch and gradient accumulation. None = take it from the DeepSpeed JSON or default.
+
+    Two layouts: token-packed micro-batches of at most ``max_tokens`` tokens (the default: whole cells back to back,
+    no padding), or padded micro-batches of ``micro_batch_size`` cells (chosen by giving a micro batch size, here or
+    in the JSON). ``max_tokens`` None in the packed layout = the default budget for the device
+    (`default_max_tokens`). ``pad_to_max_tokens``: pad every packed micro-batch to exactly ``max_tokens`` (static
+    shapes; None = on when compiling)."""
 
     micro_batch_size: int | None = None
     grad_accum: int | None = None
-    default_micro_batch_size: int = 8  # used when neither the JSON nor the command line sets it
+    max_tokens: int | None = None
+    pad_to_max_tokens: bool | None = None
 
     def __post_init__(self):
-        for name in ("micro_batch_size", "grad_accum"):
+        for name in ("micro_batch_size", "grad_accum", "max_tokens"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.micro_batch_size is not None and (self.max_tokens is not None or self.pad_to_max_tokens):
+            raise UserInputError("--micro-batch-size selects padded batches and --max-tokens / --pad-to-max-tokens "
+                                 "packed ones; give one of them")
+
+
+# Cells of the longest possible length per packed micro-batch when no --max-tokens is given: on a GPU the budget
+# must be large enough for the step to be compute-bound (a 512-wide model needs tens of thousands of tokens per
+# step, BENCHMARKS.md); on a CPU a few cells keep a step short. A whole multiple of the longest cell also packs
+# capped cells (the common case at 1,200 tokens) without a gap.
+DEFAULT_CELLS_PER_PACK = {"gpu": 32, "cpu": 2}
+
+
+def default_max_tokens(max_cell_tokens: int, has_gpu: bool) -> int:
+    """The token budget of a packed micro-batch when none is given (see `DEFAULT_CELLS_PER_PACK`)."""
+    return DEFAULT_CELLS_PER_PACK["gpu" if has_gpu else "cpu"] * int(max_cell_tokens)
 
 
 @dataclass
@@ -75,6 +97,8 @@ class RunSettings:
     num_workers: int = 0
     export: bool = True  # export a HF folder at the end of the run
     progress: bool = True
+    compile: bool = False  # torch.compile the model (training/compile.py)
+    attn_implementation: str | None = None  # None: chosen for the device and model (training/compile.py)
     mlflow_tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
     experiment_name: str = "grnformer_ds"
     run_name: str | None = None

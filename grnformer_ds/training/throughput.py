@@ -1,11 +1,19 @@
 """Throughput accounting: cells/s, tokens/s, non-pad tokens/s and model FLOPs utilisation (MFU).
 
-FLOPs per step use the standard dense-transformer estimate (Kaplan et al. 2020; PaLM appendix B):
-training = 3 x forward, forward = 2 * N_params FLOPs per token + attention 2 * n_layers * L * d_model per token
-(QK^T and AV, counted on padded length since that is what runs). GNN message passing is small next to the
-backbone and is covered by its parameters' term.
+MFU counts the useful matmul FLOPs of the transformer parts on **non-pad tokens** (PaLM appendix B: training = 3 x
+forward; a forward costs 2 FLOPs per parameter per token for the per-token matmuls, plus 4 * d per pair of tokens that
+attend to each other, per attention layer, for QK^T and AV):
+
+* encoder: the encoder layers and the fusion adapter on the cells' tokens; attention pairs = sum over cells of
+  length^2 (what varlen kernels compute; a padded batch computes more, which MFU does not credit);
+* scFoundation's decoder: its layers on the B x G decoder tokens, G^2 pairs per cell.
+
+Embedding tables (lookups, no matmul), the GNN (message passing over ~2 edges per token) and the small heads are not
+counted. Padding, dummy segments and `<pad>` slots are never counted.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -33,16 +41,70 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def train_flops(n_params: int, tokens: int, n_layers: int = 0, seq_len: int = 0, d_model: int = 0) -> float:
-    """Training FLOPs (forward + backward) for `tokens` tokens processed at padded length `seq_len`."""
-    per_token_fwd = 2.0 * n_params + 2.0 * n_layers * seq_len * d_model
-    return 3.0 * per_token_fwd * tokens
+@dataclass
+class BatchCounts:
+    """What one collated batch holds. cells: real cells; tokens: token slots the model runs over (padding and dummy
+    segments included); nonpad: tokens of real cells (scFoundation's T and S tokens included); attention_pairs: sum
+    over cells of length^2; decoder_tokens: B x G (scFoundation's all-gene decoder, else 0)."""
+
+    cells: int
+    tokens: int
+    nonpad: int
+    attention_pairs: int
+    decoder_tokens: int = 0
 
 
-def batch_counts(batch: dict) -> tuple[int, int, int]:
-    """(cells, tokens, non-pad tokens) of one collated batch (see DESIGN.md section 3)."""
+def batch_counts(batch: dict) -> BatchCounts:
+    """`BatchCounts` of a padded or packed batch (DESIGN.md section 3)."""
     ids = batch["input_ids"]
-    cells = int(ids.shape[0])
-    mask = batch.get("attention_mask")
-    nonpad = int(mask.sum()) if mask is not None else int(ids.numel())
-    return cells, int(ids.numel()), nonpad
+    extra = 2 if "total_counts" in batch else 0  # scFoundation's T and S tokens
+    if batch.get("cu_seq_lens_q") is not None:
+        cu = batch["cu_seq_lens_q"].to(torch.int64)
+        n_cells = int(batch["cell_index"].shape[0]) if "cell_index" in batch else int(cu.numel() - 1)
+        lengths = cu.diff()[:n_cells]
+    else:
+        mask = batch.get("attention_mask")
+        lengths = mask.sum(1).to(torch.int64) + extra if mask is not None else \
+            torch.full((ids.shape[0],), ids.shape[1] + extra)
+        n_cells = int(ids.shape[0])
+    dec = batch.get("decoder_values")
+    return BatchCounts(cells=n_cells, tokens=int(ids.numel()), nonpad=int(lengths.sum()),
+                       attention_pairs=int((lengths ** 2).sum()),
+                       decoder_tokens=int(dec.numel()) if dec is not None else 0)
+
+
+def _numel(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def flops_profile(model: torch.nn.Module) -> dict[str, int]:
+    """The sizes `train_flops` needs, read off a `GRNFormerForMaskedLM` (ZeRO-3 partitioned or not)."""
+    core = model.grnformer
+    cfg = model.config
+    attn_layers = len(core.layers) + (1 if core.fusion is not None else 0)
+    out = {"encoder_params": _numel(core.layers) + _numel(core.fusion), "encoder_attn_layers": attn_layers,
+           "d_model": cfg.hidden_size, "decoder_params": 0, "decoder_layers": 0, "d_decoder": 0}
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        out.update(decoder_params=_numel(decoder.layers), decoder_layers=len(decoder.layers),
+                   d_decoder=cfg.decoder_hidden_size)
+    return out
+
+
+def train_flops(profile: dict[str, int], counts: BatchCounts) -> float:
+    """Useful training FLOPs of one batch (module docstring)."""
+    fwd = 2.0 * profile["encoder_params"] * counts.nonpad
+    fwd += 4.0 * profile["encoder_attn_layers"] * profile["d_model"] * counts.attention_pairs
+    if profile.get("decoder_layers") and counts.decoder_tokens:
+        genes = counts.decoder_tokens / max(counts.cells, 1)
+        fwd += 2.0 * profile["decoder_params"] * counts.decoder_tokens
+        fwd += 4.0 * profile["decoder_layers"] * profile["d_decoder"] * counts.cells * genes ** 2
+    return 3.0 * fwd
+
+
+def masked_positions(batch: dict) -> int:
+    """Positions whose loss counts (``labels != -100``) in one batch: the loss normaliser's share of this batch."""
+    labels = batch.get("labels")
+    return 0 if labels is None else int((labels != -100).sum())

@@ -3,6 +3,15 @@
 It knows nothing about DeepSpeed's construction (engine.py), the store or the model class: it drives a DeepSpeed
 engine over a resumable batch source. Each optimizer step consumes `grad_accum` micro-batches with a finite loss
 (a non-finite one is skipped and replaced by the next micro-batch, identically on every rank).
+
+Loss normalisation (torchtitan's rule, transformers' `num_items_in_batch`): when the model's forward takes
+`num_items_in_batch`, a step first fetches its `grad_accum` micro-batches, counts their masked positions (labels !=
+-100) and sums the count over ranks (one small all-reduce); each micro-batch's loss is then its summed squared error
+divided by that count / world size, and `engine.backward(..., scale_wrt_gas=False)` leaves it unscaled. DeepSpeed
+averages gradients over ranks, so the step's gradient is that of (all squared errors of the step) / (all masked
+positions of the step): accumulating micro-batches, or spreading them over ranks, gives the step one big batch
+would. (A mean of per-micro-batch means would weigh a position of a small micro-batch more.) A micro-batch that
+replaces a skipped non-finite one is divided by the same count.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ from grnformer_ds.training import checkpoint as ckpt
 from grnformer_ds.training.ds_config import ResolvedConfig
 from grnformer_ds.training.guards import NonFiniteGuard, is_oom, oom_hint
 from grnformer_ds.training.settings import RunSettings
-from grnformer_ds.training.throughput import batch_counts, peak_flops, train_flops
+from grnformer_ds.training.throughput import BatchCounts, batch_counts, masked_positions, peak_flops, train_flops
 from grnformer_ds.training.tracking import Tracker
 
 
@@ -86,7 +95,8 @@ class Trainer:
     def __init__(self, engine, settings: RunSettings, resolved: ResolvedConfig, train_batches: ResumableBatches,
                  eval_batches: Iterable[dict[str, torch.Tensor]] | None, tracker: Tracker, is_main: bool,
                  flops_info: dict[str, int] | None = None,
-                 on_save: Callable[[str], None] | None = None):
+                 on_save: Callable[[str], None] | None = None,
+                 prepare_batch: Callable[[dict], dict] | None = None):
         self.engine = engine
         self.s = settings
         self.resolved = resolved
@@ -102,6 +112,9 @@ class Trainer:
         if is_main:
             os.makedirs(settings.output_dir, exist_ok=True)
         self.keys = forward_keys(engine.module)
+        # models that take transformers' `num_items_in_batch` get the step-global loss normalisation
+        self.global_normalization = self.keys is None or "num_items_in_batch" in self.keys
+        self.prepare_batch = prepare_batch  # e.g. marking dynamic dims for torch.compile (compile.py)
         self.flops_info = flops_info or {}
         self.peak = peak_flops(self.device)
         self.on_save = on_save
@@ -130,7 +143,15 @@ class Trainer:
             if isinstance(v, torch.Tensor):
                 v = v.to(self.device, non_blocking=True)
             out[k] = v
-        return out
+        return self.prepare_batch(out) if self.prepare_batch is not None else out
+
+    def _items_per_rank(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The step's masked positions over every rank, divided by the world size (the `num_items_in_batch` each
+        rank passes; module docstring), as a 0-d float32 tensor on the device (a tensor: a changing Python float
+        would recompile a compiled model)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        total = _reduce_sum([float(sum(masked_positions(b) for b in batches))], self.device)[0]
+        return torch.tensor(max(total, 1.0) / world, dtype=torch.float32, device=self.device)
 
     # ---------------------------------------------------------------- resume
     def maybe_resume(self) -> None:
@@ -149,7 +170,7 @@ class Trainer:
                                  f"resume with the same number of ranks (or export it with launchers/export_hf.py)",
                                  os.path.join(self.ckpt_root, tag))
         for key, now in (("micro_batch_size", self.resolved.micro_batch_size),
-                         ("grad_accum", self.resolved.grad_accum)):
+                         ("grad_accum", self.resolved.grad_accum), ("max_tokens", self.s.batch.max_tokens)):
             if saved.get(key, now) != now:
                 raise UserInputError(f"checkpoint used {key}={saved[key]} but this run has {now}; the data order "
                                      f"would differ — resume with the same batch settings",
@@ -179,6 +200,7 @@ class Trainer:
         self.state.mlflow_run_id = self.tracker.run_id if self.is_main else self.state.mlflow_run_id
         trainer_state = {**self.state.__dict__, "world_size": self.resolved.world_size,
                          "micro_batch_size": self.resolved.micro_batch_size, "grad_accum": self.resolved.grad_accum,
+                         "max_tokens": self.s.batch.max_tokens,
                          "zero_stage": self.resolved.zero_stage, "precision": self.resolved.precision}
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, trainer_state,
                                    {"data": self.train_batches.state_dict()}, keep_last=self.s.keep_last)
@@ -195,22 +217,28 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean masked-value loss over `eval_batches` held-out batches (the same batches at every evaluation;
-        the source restarts when shorter, so every rank runs the same number of forwards — ZeRO-3 needs that)."""
+        """Masked-value loss over `eval_batches` held-out batches (the same batches at every evaluation; the source
+        restarts when shorter, so every rank runs the same number of forwards — ZeRO-3 needs that): all squared
+        errors over all masked positions of every rank (a mean of batch means without `num_items_in_batch`)."""
         if self.eval_batches is None or self.s.eval_batches == 0:
             return None
         self.engine.eval()
         total, n = 0.0, 0.0
         it = iter(self.eval_batches)
+        one = torch.ones((), dtype=torch.float32, device=self.device)
         for _ in range(self.s.eval_batches):
             try:
                 batch = next(it)
             except StopIteration:
                 it = iter(self.eval_batches)
                 batch = next(it)
-            loss = _loss_of(self.engine(**self._to_device(batch))).float()
+            dev = self._to_device(batch)
+            if self.global_normalization:
+                dev["num_items_in_batch"] = one  # the loss is then the summed squared error
+            loss = _loss_of(self.engine(**dev)).float()
             if torch.isfinite(loss):
-                total, n = total + loss.item(), n + 1
+                count = masked_positions(batch) if self.global_normalization else 1
+                total, n = total + loss.item(), n + count
         self.engine.train()
         total, n = _reduce_sum([total, n], self.device)
         return total / n if n else float("nan")
@@ -219,52 +247,61 @@ class Trainer:
     def _train_step(self) -> dict[str, float]:
         """One optimizer step (grad_accum finite micro-batches). Returns this rank's sums for logging."""
         t0 = time.perf_counter()
-        t_data = 0.0
-        done, loss_sum, cells, tokens, nonpad, skipped = 0, 0.0, 0, 0, 0, 0
+        done, loss_sum, skipped = 0, 0.0, 0
+        cells = tokens = nonpad = pairs = dec_tokens = 0
         digest = hashlib.sha1()
+        td = time.perf_counter()
+        pending = [self._next_batch() for _ in range(self.resolved.grad_accum)]
+        items = self._items_per_rank(pending) if self.global_normalization else None
+        t_data = time.perf_counter() - td
         while done < self.resolved.grad_accum:
             td = time.perf_counter()
-            batch = self._next_batch()
+            batch = pending.pop(0) if pending else self._next_batch()  # a replacement after a skipped one
             if "cell_index" in batch:
                 digest.update(batch["cell_index"].cpu().numpy().tobytes())
             dev_batch = self._to_device(batch)
+            if items is not None:
+                dev_batch["num_items_in_batch"] = items
             t_data += time.perf_counter() - td
             loss = _loss_of(self.engine(**dev_batch))
             self.state.micro_batches += 1
             if not self.guard.is_finite(loss):
                 skipped += 1
                 continue
-            self.engine.backward(loss)
+            self.engine.backward(loss, scale_wrt_gas=items is None)
             self.engine.step()
             done += 1
             loss_sum += loss.detach().float().item()
-            c, t, npd = batch_counts(batch)
-            cells, tokens, nonpad = cells + c, tokens + t, nonpad + npd
+            c = batch_counts(batch)
+            cells, tokens, nonpad = cells + c.cells, tokens + c.tokens, nonpad + c.nonpad
+            pairs, dec_tokens = pairs + c.attention_pairs, dec_tokens + c.decoder_tokens
         self.state.step += 1
         return {"loss_sum": loss_sum, "n": done, "cells": cells, "tokens": tokens, "nonpad": nonpad,
-                "skipped": skipped, "time": time.perf_counter() - t0, "data_time": t_data,
-                "digest": digest.hexdigest()[:16]}
+                "pairs": pairs, "decoder_tokens": dec_tokens, "skipped": skipped,
+                "time": time.perf_counter() - t0, "data_time": t_data, "digest": digest.hexdigest()[:16]}
 
     def _log(self, r: dict[str, float], eval_loss: float | None, bar) -> dict[str, float]:
-        loss_sum, n, cells, tokens, nonpad = _reduce_sum(
-            [r["loss_sum"], r["n"], r["cells"], r["tokens"], r["nonpad"]], self.device)
+        loss_sum, n, cells, tokens, nonpad, pairs, dec_tokens = _reduce_sum(
+            [r["loss_sum"], r["n"], r["cells"], r["tokens"], r["nonpad"], r["pairs"], r["decoder_tokens"]],
+            self.device)
         self.state.cells_seen += int(cells)
         self.state.nonpad_tokens_seen += int(nonpad)
         dt = max(r["time"], 1e-9)
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None else None
-        m = {"loss": loss_sum / max(n, 1), "lr": float(self.engine.get_lr()[0]), "grad_norm": gn,
+        # normalised micro-batch losses sum to world_size x the step's loss over the ranks (module docstring)
+        loss = loss_sum / self.resolved.world_size if self.global_normalization else loss_sum / max(n, 1)
+        m = {"loss": loss, "lr": float(self.engine.get_lr()[0]), "grad_norm": gn,
              "cells_per_s": cells / dt, "tokens_per_s": tokens / dt, "nonpad_tokens_per_s": nonpad / dt,
+             "padding_fraction": 1.0 - nonpad / max(tokens, 1),
              "step_time_s": dt, "data_time_s": r["data_time"], "skipped_nonfinite": float(self.guard.total_skipped)}
         if eval_loss is not None:
             m["eval_loss"] = eval_loss
         if self.device.type == "cuda":
             m["gpu_mem_max_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if self.peak and self.flops_info.get("n_params"):
-                seq = tokens / max(cells, 1)
-                fl = train_flops(self.flops_info["n_params"], tokens, self.flops_info.get("n_layers", 0), int(seq),
-                                 self.flops_info.get("d_model", 0))
-                m["mfu"] = fl / dt / (self.peak * self.resolved.world_size)
+            if self.peak and self.flops_info:
+                counts = BatchCounts(int(cells), int(tokens), int(nonpad), int(pairs), int(dec_tokens))
+                m["mfu"] = train_flops(self.flops_info, counts) / dt / (self.peak * self.resolved.world_size)
         if self.is_main:
             self.tracker.log_metrics(m, step=self.state.step)
             with open(self.metrics_path, "a", encoding="utf-8") as fh:
