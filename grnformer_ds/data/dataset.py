@@ -17,13 +17,13 @@ from .packing import PackedEpochPlan
 from .readers import StoreReader
 from .row_gather import gather_spans
 from .sampler import EpochPlan, batch_rng
-from .worker_transport import BatchReceiver, BatchSender
 from .scfoundation_collator import ScFoundationCollator
 from .scgpt_collator import ScGPTCollator
+from .worker_transport import BatchReceiver, BatchSender
 
 SPLITS = ("train", "eval", "all")
-BACKBONES = ("scgpt", "scfoundation")
 COLLATORS = {"scgpt": ScGPTCollator, "scfoundation": ScFoundationCollator}
+BACKBONES = tuple(COLLATORS)
 DEFAULT_MAX_SEQ_LEN = 1200
 
 

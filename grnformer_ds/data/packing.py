@@ -181,7 +181,7 @@ def segment_offsets(cell_tokens: np.ndarray, pad_to: int | None, max_segment: in
     of at most ``max_segment`` tokens up to exactly ``pad_to`` tokens (static shapes for compilation).
 
     The padding is split so that no segment is longer than the longest possible cell: attention costs O(length^2)
-    per segment, and ``max_length`` stays the same for every batch."""
+    per segment, and a dummy segment never raises ``max_length`` above the longest possible cell."""
     cu = np.zeros(len(cell_tokens) + 1, np.int64)
     np.cumsum(cell_tokens, out=cu[1:])
     total = int(cu[-1])
@@ -194,14 +194,14 @@ def segment_offsets(cell_tokens: np.ndarray, pad_to: int | None, max_segment: in
     return np.concatenate([cu, tail])
 
 
-def packed_keys(segments: np.ndarray, n_cells: int, max_segment: int | None) -> dict:
+def packed_keys(segments: np.ndarray) -> dict:
     """The varlen keys of a packed batch (transformers' ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``
-    names): ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (S+1,) int32 and ``max_length_q`` / ``max_length_k`` ints (the
-    longest segment, or ``max_segment`` when given: a constant upper bound keeps compiled graphs static)."""
+    names): ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (S+1,) int32 and ``max_length_q`` / ``max_length_k``, the longest
+    segment (an int; compiled blocks take it as a dynamic size, training/compile.py)."""
     import torch
 
     cu = torch.from_numpy(segments.astype(np.int32))
-    longest = int(np.diff(segments).max(initial=0)) if max_segment is None else int(max_segment)
+    longest = int(np.diff(segments).max(initial=0))
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": longest, "max_length_k": longest}
 
 

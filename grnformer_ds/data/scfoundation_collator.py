@@ -120,8 +120,7 @@ class ScFoundationCollator:
             end = int(segments[n_cells])
             input_ids[end:], values[end:], slot_genes[end:] = self.pad_id, self.pad_value, -1
             return {"input_ids": torch.from_numpy(input_ids)[None], "values": torch.from_numpy(values)[None],
-                    **packed_keys(segments, n_cells, self.max_cell_tokens if self.pad_to_max_tokens else None),
-                    **batch}, slot_genes
+                    **packed_keys(segments), **batch}, slot_genes
         shape = (n_cells, seq_len)
         return {"input_ids": torch.from_numpy(input_ids.reshape(shape)),
                 "values": torch.from_numpy(values.reshape(shape)),

@@ -109,9 +109,7 @@ class ScGPTCollator:
             end = int(segments[n_cells])
             input_ids[end:], values[end:], labels[end:], slot_genes[end:] = self.pad_id, self.pad_value, IGNORE_INDEX, -1
             batch = {"input_ids": torch.from_numpy(input_ids)[None], "values": torch.from_numpy(values)[None],
-                     "labels": torch.from_numpy(labels)[None],
-                     **packed_keys(segments, n_cells, self.max_cell_tokens if self.pad_to_max_tokens else None),
-                     **meta}
+                     "labels": torch.from_numpy(labels)[None], **packed_keys(segments), **meta}
             return batch, slot_genes
         shape = (n_cells, seq_len)
         attention = np.arange(seq_len)[None, :] < (kept + 1)[:, None]

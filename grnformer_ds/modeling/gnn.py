@@ -38,13 +38,13 @@ def _build_gnn(config) -> nn.Module:
     return GAT(**common, heads=config.gat_heads, edge_dim=1 if config.gnn_use_edge_weight else None)
 
 
-def _csr_adjacency(edge_index: torch.Tensor, edge_weight: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """PyG's transposed adjacency ``adj_t[dst, src] = weight`` (1 without weights) as a `torch.sparse_csr_tensor`,
-    from edges sorted by destination (row pointers by binary search: no sort)."""
+def _csr_adjacency(edge_index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """PyG's transposed adjacency ``adj_t[dst, src] = 1`` as a `torch.sparse_csr_tensor`, from edges sorted by
+    destination (row pointers by binary search: no sort)."""
     n = x.shape[0]
     src, dst = edge_index[0], edge_index[1]
     rowptr = torch.searchsorted(dst, torch.arange(n + 1, device=dst.device))
-    values = edge_weight if edge_weight is not None else torch.ones(src.shape[0], dtype=x.dtype, device=x.device)
+    values = torch.ones(src.shape[0], dtype=x.dtype, device=x.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": stated once in the docs, not every step
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(rowptr, src, values, (n, n))
@@ -65,10 +65,12 @@ class StructureEncoder(nn.Module):
     Aggregation (`config.gnn_aggregation`): "scatter" (default) lets PyG gather messages per edge and scatter-add
     them into their destinations (any edge order; what `torch.compile` fuses); "csr" hands PyG the graph as a
     `torch.sparse_csr_tensor` adjacency (rows = destinations, built from the sorted edges of a "csr" batch without a
-    sort), so SAGE / GCN / GIN aggregate with one sparse-dense product (`torch.sparse.mm`, no per-edge message
-    tensor, no atomics; 2x faster than scatter for the aggregation on the CPU in float32, BENCHMARKS.md). It applies
-    only where it can run: "csr" batches, SAGE / GCN / GIN, eager mode (sparse tensors do not compile), and float32
-    or CUDA tensors (CPU sparse products have no bfloat16 sum); elsewhere scatter runs.
+    sort), so SAGE and GIN aggregate with one sparse-dense product (`torch.sparse.mm`, no per-edge message tensor,
+    no atomics: 2x faster than scatter for the aggregation alone on the CPU in float32, 1.06-1.09x for a whole SAGE
+    encoder, BENCHMARKS.md). It applies only where it gives the same result and can run: "csr" batches, SAGE / GIN
+    (GAT needs per-edge messages; PyG's GCN normalisation adds self-loops differently for sparse adjacencies, so a
+    GRN with autoregulation would change), eager mode (sparse tensors do not compile), float32 or CUDA tensors (CPU
+    sparse products have no bfloat16 sum); elsewhere scatter runs.
     """
 
     def __init__(self, config):
@@ -95,8 +97,7 @@ class StructureEncoder(nn.Module):
         if edge_weight is not None:
             edge_weight = edge_weight.to(x.dtype)
         if graph_layout == "csr" and self._sparse_ok(x):
-            # only GCN weighs its messages; SAGE and GIN aggregate unweighted
-            return gnn(x, _csr_adjacency(edge_index, edge_weight if self.gnn_type == "gcn" else None, x))
+            return gnn(x, _csr_adjacency(edge_index, x))  # SAGE and GIN aggregate unweighted
         if self.gnn_type == "gat":
             attr = None if edge_weight is None else edge_weight.unsqueeze(-1)
             return gnn(x, edge_index, edge_attr=attr)
@@ -106,7 +107,7 @@ class StructureEncoder(nn.Module):
 
     def _sparse_ok(self, x: torch.Tensor) -> bool:
         """Whether the "csr" aggregation can run on `x` (class docstring)."""
-        return (self.aggregation == "csr" and self.gnn_type != "gat" and not torch.compiler.is_compiling()
+        return (self.aggregation == "csr" and self.gnn_type in ("sage", "gin") and not torch.compiler.is_compiling()
                 and (x.is_cuda or x.dtype == torch.float32))
 
     def forward(self, node_features: torch.Tensor, graphs: dict, graph_layout: str = "coo") -> torch.Tensor:

@@ -11,9 +11,9 @@ compile time does not grow with depth. With `"compile": {"deepcompile": true}` i
 the whole graph to DeepCompile's ZeRO passes instead (`compile_engine`; GPU only).
 
 The packed forward has no graph break at all (tests/test_model_compile.py asserts it for the whole model with
-`torch._dynamo.explain`); what varies from one micro-batch to the next (cells, segments, edges) is marked dynamic
-before the first call (`mark_dynamic`), and with ``--pad-to-max-tokens`` (on when compiling) the token count and
-``max_length`` are constants, so after the first compilation a fixed token budget never recompiles.
+`torch._dynamo.explain`). The blocks compile with dynamic shapes, so what varies from one micro-batch to the next
+(cells, segments, edges, the longest segment) never recompiles them; with ``--pad-to-max-tokens`` (on when compiling)
+the token count is fixed too. `mark_dynamic` marks the same dims on a batch for a whole-model compile (DeepCompile).
 """
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ Modes (what a batch is; ``--modes``):
   builds on these loaders;
 * ``tokenized+graphs``: the same plus both graph scales and edge perturbation (alpha 0.2); the peers have no GRN code,
   so they get our `GraphBuilder` after scGPT's collator;
-* ``tokenized+graphs, same collator``: the peers run our collator + graph builder, so only the data access differs.
+* ``tokenized+graphs, same collator``: the peers run our collator + graph builder, so only the data access differs;
+* ``packed+graphs``: ours streams token-packed micro-batches (64 x 1,200 tokens, graphs made undirected and sorted by
+  destination in the loader, what the trainer uses); the peers as in ``tokenized+graphs``. Cells/s compare.
 
 Usage::
 
@@ -364,16 +366,17 @@ def _time(make_loader, n_batches: int, batch_size: int, warmup: int = 2) -> tupl
     for _ in range(warmup):
         next(it)
     t, c = time.perf_counter(), time.process_time()
-    n = 0
+    cells = 0
     for _ in range(n_batches):
         try:
-            next(it)
+            batch = next(it)
         except StopIteration:
             break
-        n += 1
+        # packed micro-batches hold a varying number of cells
+        cells += len(batch["cell_index"]) if isinstance(batch, dict) and "cell_index" in batch else batch_size
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     del it
-    return n * batch_size / wall, n * batch_size / max(cpu, 1e-9)
+    return cells / wall, cells / max(cpu, 1e-9)
 
 
 MODES = {
@@ -382,6 +385,9 @@ MODES = {
     "tokenized": ({"graphs": False}, "scgpt"),
     "tokenized+graphs": ({"edge_perturbation": 0.2}, "scgpt+graphs"),
     "tokenized+graphs, same collator": ({"edge_perturbation": 0.2}, "ours+graphs"),
+    # ours: token-packed micro-batches of 64 x 1,200 tokens, graphs undirected and sorted by destination (what the
+    # trainer now streams); the peers: as in "tokenized+graphs" (padded scGPT batches of 64 cells + our graphs)
+    "packed+graphs": ({"edge_perturbation": 0.2, "max_tokens": 64 * 1200, "graph_layout": "csr"}, "scgpt+graphs"),
 }
 LOADERS = ("grnformer_ds", "scdl", "tiledbsoma_ml", "anndata_batched", "anndata_per_cell")
 
@@ -407,7 +413,8 @@ def run(args) -> list[dict]:
                     ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0)
                     raw = _RawOurs(ds, args.n_cells // B)
                     return raw if nw == 0 else DataLoader(raw, batch_size=None, num_workers=nw, **mp)
-                ds = StreamingCellDataset(store, batch_size=B, seed=seed, eval_fraction=0.0, **ours_opts)
+                layout = {} if "max_tokens" in ours_opts else {"batch_size": B}
+                ds = StreamingCellDataset(store, seed=seed, eval_fraction=0.0, **layout, **ours_opts)
                 return StatefulCellLoader(ds, num_workers=nw)
 
             def scdl_loader(seed):

@@ -63,6 +63,8 @@ class Run:
     gnn_aggregation: str = "scatter"
     micro_batch: int = 32  # padded layout
     cells_per_pack: int = 32  # packed layout: max_tokens = cells_per_pack x the longest cell
+    config: dict = dataclasses.field(default_factory=dict)  # GRNFormerConfig overrides
+    zero: dict = dataclasses.field(default_factory=dict)  # zero_optimization overrides of ds_configs/zero3.json
 
     @property
     def name(self) -> str:
@@ -75,6 +77,7 @@ class Run:
             parts.append("no-leaf-blocks")
         if self.gnn_aggregation != "scatter":
             parts.append(f"gnn-{self.gnn_aggregation}")
+        parts += [f"{k}={v}" for k, v in {**self.config, **self.zero}.items()]
         return "/".join(parts)
 
 
@@ -105,6 +108,26 @@ PLANS: dict[str, list[Run]] = {
         R("small", "packed", False, "zero3", data="demo", cells_per_pack=2, leaf_blocks=False),
         R("small", "packed", True, "zero3", data="demo", cells_per_pack=2),
         R("small", "packed", False, "torch", data="demo", cells_per_pack=2, gnn_aggregation="csr"),
+    ],
+    # ZeRO-3's own cost where it shows most: many small modules, little compute per step (the launch-bound regime
+    # of a GPU step at small batches), 12 debug-width layers, packed demo cells, eager, CPU
+    "zero3-overhead": [
+        R("debug", "packed", False, "torch", data="demo", cells_per_pack=1, config={"num_hidden_layers": 12}),
+        R("debug", "packed", False, "zero3", data="demo", cells_per_pack=1, config={"num_hidden_layers": 12},
+          leaf_blocks=False),
+        R("debug", "packed", False, "zero3", data="demo", cells_per_pack=1, config={"num_hidden_layers": 12}),
+        R("debug", "packed", False, "zero3", data="demo", cells_per_pack=1, config={"num_hidden_layers": 12},
+          leaf_blocks=False, zero={"stage3_param_persistence_threshold": 10**9}),
+        R("debug", "packed", False, "zero3", data="demo", cells_per_pack=1, config={"num_hidden_layers": 12},
+          zero={"stage3_param_persistence_threshold": 10**9}),
+        R("debug", "packed", False, "zero3", data="demo", cells_per_pack=1, config={"num_hidden_layers": 12},
+          leaf_blocks=False, zero={"stage3_module_granularity_threshold": 10**5}),
+        # scGPT's width: the 512 x 512 projections (262k) are partitioned below a persistence threshold of 1e6
+        R("scgpt-base", "packed", False, "torch", data="demo", cells_per_pack=1),
+        R("scgpt-base", "packed", False, "zero3", data="demo", cells_per_pack=1,
+          zero={"stage3_param_persistence_threshold": 10**5}),
+        R("scgpt-base", "packed", False, "zero3", data="demo", cells_per_pack=1),
+        R("scgpt-base", "packed", False, "zero3", data="demo", cells_per_pack=1, leaf_blocks=False),
     ],
     # the test suite's smoke run of this script
     "smoke": [
@@ -172,7 +195,7 @@ def instrument(model, timer: SectionTimer) -> None:
         timer.hook(core.fusion, "fusion")
 
 
-def wide_store(workdir: Path) -> Path:
+def wide_store(workdir: Path, n_cells: int = 20_000) -> Path:
     """The `wide` store (module docstring), built once under `workdir` with the loader benchmark's recipe."""
     from bench_loader import make_grn, make_h5ad
 
@@ -183,7 +206,7 @@ def wide_store(workdir: Path) -> Path:
 
     workdir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    make_h5ad(workdir / "wide.h5ad", 20_000, 5_000, 1_500, seed=0)
+    make_h5ad(workdir / "wide.h5ad", n_cells, 5_000, 1_500, seed=0)
     build_store([str(workdir / "wide.h5ad")], store, cell_type_key="cell_type", overwrite=True, progress=False)
     make_grn(store, 60, seed=0)
     print(f"wide store built in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
@@ -198,6 +221,7 @@ def make_config(run: Run, store_path, has_gpu: bool):
     if run.no_attn_dropout:
         overrides["attention_probs_dropout_prob"] = 0.0
     config = I.build_model_config(I.open_store(store_path), run.preset, None, use_graph=run.graphs)
+    config = type(config).from_dict({**config.to_dict(), **run.config})
     for key, value in overrides.items():
         setattr(config, key, value)
     impl, _ = choose_attn_implementation(None if run.attn == "auto" else run.attn, config, has_gpu)
@@ -248,7 +272,9 @@ def run_one(run: Run, args, stores: dict, info) -> dict:
         batch = BatchSettings(run.micro_batch if run.layout == "padded" else None, 1)
         s = RunSettings(output_dir="/tmp", precision="bf16" if cuda else "fp32", batch=batch)
         cfg_path = str(REPO / "ds_configs" / "zero3.json")
-        r = resolve_ds_config(load_ds_config(cfg_path), s, info.world_size, cfg_path, has_gpu=cuda)
+        raw = load_ds_config(cfg_path)
+        raw["zero_optimization"].update(run.zero)
+        r = resolve_ds_config(raw, s, info.world_size, cfg_path, has_gpu=cuda)
         engine = E.build_engine(model, r, 1e-4, 0.01, (0.9, 0.999), 1e-8,
                                 lambda o: build_scheduler(o, 10, 10**6, 0.1), has_gpu=cuda,
                                 leaf_blocks=run.leaf_blocks)
@@ -350,6 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=os.environ.get("GRNFORMER_BENCH_DIR", "/tmp/grnformer_bench"),
                    help="where the `wide` store is built")
     p.add_argument("--demo-cache-dir", default=None)
+    p.add_argument("--demo-store", default=None, help="a ready demo store (with GRN assets) instead of building it")
+    p.add_argument("--wide-store", default=None, help="a ready `wide` store (with GRN assets) instead of building it")
     p.add_argument("--num-workers", type=int, default=None, help="loader workers (default: 4 on GPU, 0 on CPU)")
     p.add_argument("--steps", type=int, default=15, help="measured steps per run")
     p.add_argument("--warmup", type=int, default=8, help="unmeasured steps per run (compilation happens here)")
@@ -372,9 +400,9 @@ def main(argv=None) -> int:
 
     t_begin = time.perf_counter()
     info = E.init_distributed(args.local_rank)
-    stores = {"demo": I.ensure_demo(args.demo_cache_dir)}
+    stores = {"demo": args.demo_store or I.ensure_demo(args.demo_cache_dir)}
     if any(r.data == "wide" for _, r in plan):
-        stores["wide"] = str(wide_store(Path(args.workdir)))
+        stores["wide"] = args.wide_store or str(wide_store(Path(args.workdir)))
     results: list[dict] = []
     for index, run in plan:
         elapsed = time.perf_counter() - t_begin
