@@ -234,3 +234,18 @@ def test_packed_batch_with_an_attention_mask_is_refused():
     del bad["max_length_q"]
     with pytest.raises(ValueError, match="max_length_q"):
         model(**bad)
+
+
+def test_decoder_refuses_an_encoder_gene_missing_from_decoder_ids():
+    """scFoundation: an encoder token whose id is not among decoder_input_ids is an error in both layouts."""
+    cfg = _cfg("scfoundation")
+    model = GRNFormerForMaskedLM(cfg).eval()
+    padded, packed = _batches(cfg, "none")
+    for batch in (padded, packed):
+        bad = dict(batch)
+        ids = batch["input_ids"].reshape(-1)
+        gene = int(ids[(ids > 2) & (ids != VOCAB - 1)][0])  # an encoder gene token
+        bad["decoder_input_ids"] = batch["decoder_input_ids"].clone()
+        bad["decoder_input_ids"][bad["decoder_input_ids"] == gene] = VOCAB - 1  # its column now names another token
+        with pytest.raises(ValueError, match="missing from decoder_input_ids"):
+            model(**bad)

@@ -143,23 +143,16 @@ class ToyMLM(torch.nn.Module):
         return {"loss": loss}
 
 
-class ToyBatches:
-    """Resumable source of 64 fixed random batches; `poison` marks batches that yield a NaN loss."""
+class ListBatches:
+    """A resumable source over a fixed list of batches."""
 
-    def __init__(self, n=64, poison=()):
-        g = torch.Generator().manual_seed(0)
-        self.data = []
-        for i in range(n):
-            v = torch.randn(4, 8, generator=g)
-            self.data.append({"input_ids": torch.zeros(4, 8, dtype=torch.long), "values": v,
-                              "attention_mask": torch.ones(4, 8, dtype=torch.bool), "labels": v.flip(1) * 2,
-                              "cell_index": torch.arange(4 * i, 4 * i + 4), "poison": torch.tensor([i in poison])})
-        self.pos = 0
+    def __init__(self, batches):
+        self.batches, self.pos = batches, 0
 
     def __iter__(self):
-        while self.pos < len(self.data):
+        while self.pos < len(self.batches):
             self.pos += 1
-            yield self.data[self.pos - 1]
+            yield self.batches[self.pos - 1]
         self.pos = 0
 
     def state_dict(self):
@@ -167,6 +160,20 @@ class ToyBatches:
 
     def load_state_dict(self, s):
         self.pos = s["pos"]
+
+
+class ToyBatches(ListBatches):
+    """Resumable source of 64 fixed random batches; `poison` marks batches that yield a NaN loss."""
+
+    def __init__(self, n=64, poison=()):
+        g = torch.Generator().manual_seed(0)
+        data = []
+        for i in range(n):
+            v = torch.randn(4, 8, generator=g)
+            data.append({"input_ids": torch.zeros(4, 8, dtype=torch.long), "values": v,
+                         "attention_mask": torch.ones(4, 8, dtype=torch.bool), "labels": v.flip(1) * 2,
+                         "cell_index": torch.arange(4 * i, 4 * i + 4), "poison": torch.tensor([i in poison])})
+        super().__init__(data)
 
 
 @pytest.fixture(scope="module")
@@ -276,25 +283,6 @@ def test_sqlite_tracking_keeps_artifacts_beside_the_database(tmp_path, monkeypat
     tracker.end()
     assert list(out.glob("mlartifacts/*/artifacts/configs/note.json"))
     assert not (cwd / "mlruns").exists()
-
-
-class ListBatches:
-    """A resumable source over a fixed list of batches."""
-
-    def __init__(self, batches):
-        self.batches, self.pos = batches, 0
-
-    def __iter__(self):
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
 
 
 def test_accumulating_two_micro_batches_equals_one_step_over_both(tmp_path, dist_info):

@@ -69,9 +69,11 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def oom_hint(micro_batch_size: int, zero_stage: int, max_len: int | None = None) -> str:
-    """One line of advice printed when a step runs out of memory."""
-    tips = [f"lower --micro-batch-size (now {micro_batch_size}) and raise --grad-accum to keep the global batch"]
+def oom_hint(micro_batch_size: int, zero_stage: int, max_len: int | None = None,
+             max_tokens: int | None = None) -> str:
+    """One line of advice printed when a step runs out of memory (`max_tokens`: the packed layout's budget)."""
+    size = f"--max-tokens (now {max_tokens})" if max_tokens else f"--micro-batch-size (now {micro_batch_size})"
+    tips = [f"lower {size} and raise --grad-accum to keep the global batch"]
     if max_len:
         tips.append(f"lower the model's max sequence length (now {max_len})")
     if zero_stage < 3:

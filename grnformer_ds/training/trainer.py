@@ -112,8 +112,8 @@ class Trainer:
         if is_main:
             os.makedirs(settings.output_dir, exist_ok=True)
         self.keys = forward_keys(engine.module)
-        # models that take transformers' `num_items_in_batch` get the step-global loss normalisation
-        self.global_normalization = self.keys is None or "num_items_in_batch" in self.keys
+        # models whose forward names transformers' `num_items_in_batch` get the step-global loss normalisation
+        self.global_normalization = self.keys is not None and "num_items_in_batch" in self.keys
         self.prepare_batch = prepare_batch  # e.g. marking dynamic dims for torch.compile (compile.py)
         self.flops_info = flops_info or {}
         self.peak = peak_flops(self.device)
@@ -335,7 +335,9 @@ class Trainer:
                 self.save()
         except RuntimeError as exc:
             if is_oom(exc):
-                raise OutOfMemoryHint(oom_hint(self.resolved.micro_batch_size, self.resolved.zero_stage)) from exc
+                max_tokens = self.s.batch.max_tokens if self.resolved.packed else None
+                raise OutOfMemoryHint(oom_hint(self.resolved.micro_batch_size, self.resolved.zero_stage,
+                                               max_tokens=max_tokens)) from exc
             raise
         finally:
             if bar is not None:

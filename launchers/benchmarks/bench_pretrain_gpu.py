@@ -31,7 +31,6 @@ import dataclasses
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from collections import defaultdict
