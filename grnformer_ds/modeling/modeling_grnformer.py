@@ -112,12 +112,15 @@ def num_packed_cells(cu_seq_lens: torch.Tensor, total_counts: torch.Tensor | Non
     return cu_seq_lens.shape[0] - 1
 
 
-def packed_token_cells(cu_seq_lens: torch.Tensor, n_cells: int, total: int, lead: int):
+def packed_token_cells(cu_seq_lens: torch.Tensor, n_cells: int, total: int, lead: int,
+                       seq_ids: torch.Tensor | None = None):
     """(seq_ids (T,) int64 segment of each packed token, is_gene (T,) bool: the token is a gene of a real cell,
-    i.e. not one of the ``lead`` special slots at the start of its segment (<cls>, or T and S) nor dummy)."""
+    i.e. not one of the ``lead`` special slots at the start of its segment (<cls>, or T and S) nor dummy).
+    ``seq_ids`` when the caller has them already (`PackedSequences.seq_ids`)."""
     starts = cu_seq_lens.to(torch.int64)
     positions = torch.arange(total, device=starts.device)
-    seq_ids = torch.searchsorted(starts[1:], positions, right=True)
+    if seq_ids is None:
+        seq_ids = torch.searchsorted(starts[1:], positions, right=True)
     is_gene = (positions - starts[seq_ids] >= lead) & (seq_ids < n_cells)
     return seq_ids, is_gene
 
@@ -411,7 +414,7 @@ class GRNFormerModel(GRNFormerPreTrainedModel):
         n_segments = cu_seq_lens.shape[0] - 1
         view = output_fusion_attentions or cfg._attn_implementation in ("eager", "sdpa")
         seq = PackedSequences.build(cu_seq_lens, max_length, total, with_padded_view=view)
-        seq_ids, is_gene = packed_token_cells(cu_seq_lens, n_cells, total, self.lead_slots)
+        seq_ids, is_gene = packed_token_cells(cu_seq_lens, n_cells, total, self.lead_slots, seq.seq_ids)
         starts = seq.cu_seqlens[:n_cells].to(torch.int64)  # (B,) first slot of each cell
 
         gene_emb = self.gene_encoder(ids)  # (T, H)
