@@ -37,7 +37,7 @@ def test_packed_forward_has_no_graph_break(store, backbone):
 
 
 def test_compiled_blocks_do_not_recompile_after_warm_up(store):
-    from grnformer_ds.training.compile import compile_blocks, mark_dynamic
+    from grnformer_ds.training.compile import compile_blocks
 
     torch._dynamo.reset()
     ds = _dataset(store, "scgpt")
@@ -47,7 +47,6 @@ def test_compiled_blocks_do_not_recompile_after_warm_up(store):
     assert len({b["cell_index"].shape[0] for b in batches}) > 1  # cells vary, tokens stay 240
     assert len({b["cell_edge_index"].shape[1] for b in batches}) > 1
     for i, batch in enumerate(batches):
-        mark_dynamic(batch)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             got = compiled(**batch)
             got.loss.backward()

@@ -104,20 +104,18 @@ class GraphBuilder:
             if perturb and self.alpha > 0:
                 perturb_cells(ptr, src, dst, cell_weight, flat, cell_ptr, *self._coexpr, self.alpha, batch_seed(rng))
             cell_index = to_pyg(ptr, src, dst, cell_ptr)
-        out = {}
         if self.layout == "csr":
             ct_index, ct_weight = sorted_by_destination(ct_index, ct_weight, cell_ptr, self.undirected)
             cell_index, cell_weight = sorted_by_destination(cell_index, cell_weight, cell_ptr, self.undirected)
-        n_graphs = len(segments) - 1
-        out.update({
+        out = {
             "celltype_edge_index": torch.from_numpy(ct_index),
             "celltype_edge_weight": torch.from_numpy(ct_weight),
             "cell_edge_index": torch.from_numpy(cell_index),
             "cell_edge_weight": torch.from_numpy(cell_weight),
-            "batch": torch.repeat_interleave(torch.arange(n_graphs, dtype=torch.int64),
+            "batch": torch.repeat_interleave(torch.arange(len(segments) - 1, dtype=torch.int64),
                                              torch.from_numpy(np.diff(segments)), output_size=int(segments[-1])),
             "ptr": torch.from_numpy(segments.copy()),
-        })
+        }
         if self.layout == "csr":
             out["graph_layout"] = "csr"
         return out

@@ -148,10 +148,9 @@ def run_pretraining(args: Namespace) -> int:
                             has_gpu=info.has_gpu)
     prepare_batch = None
     if settings.compile:
-        from grnformer_ds.training.compile import compile_engine, mark_dynamic
+        from grnformer_ds.training.compile import compile_engine
 
-        compile_engine(engine)
-        prepare_batch = mark_dynamic
+        prepare_batch = compile_engine(engine)
     torch.manual_seed(settings.seed + 1000 * info.rank)  # dropout differs across ranks, reproducibly
 
     # ---- tracking (rank 0)

@@ -249,7 +249,7 @@ def loader(run: Run, store_path, config, info, num_workers: int):
 
 def run_one(run: Run, args, stores: dict, info) -> dict:
     from grnformer_ds.modeling import GRNFormerForMaskedLM
-    from grnformer_ds.training.compile import compile_blocks, compile_engine, mark_dynamic
+    from grnformer_ds.training.compile import compile_blocks, compile_engine
     from grnformer_ds.training.throughput import (BatchCounts, batch_counts, flops_profile, masked_positions,
                                                   peak_flops, train_flops)
 
@@ -277,8 +277,7 @@ def run_one(run: Run, args, stores: dict, info) -> dict:
         engine = E.build_engine(model, r, 1e-4, 0.01, (0.9, 0.999), 1e-8,
                                 lambda o: build_scheduler(o, 10, 10**6, 0.1), has_gpu=cuda,
                                 leaf_blocks=run.leaf_blocks)
-        if run.compile:
-            compile_engine(engine)
+        prepare = compile_engine(engine) if run.compile else None
         fwd = engine
 
         def backward(loss):
@@ -290,6 +289,7 @@ def run_one(run: Run, args, stores: dict, info) -> dict:
         autocast = contextlib.nullcontext
     else:
         model.to(device).train()
+        prepare = None
         if run.compile:
             compile_blocks(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, **({"fused": True} if cuda else {}))
@@ -320,8 +320,8 @@ def run_one(run: Run, args, stores: dict, info) -> dict:
             batch = next(batches)
             dev = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             dev["num_items_in_batch"] = torch.tensor(float(max(masked_positions(batch), 1)), device=device)
-            if run.compile:
-                mark_dynamic(dev)
+            if prepare is not None:
+                prepare(dev)
         with timer.section("forward"), autocast():
             loss = fwd(**dev).loss
         with timer.section("backward"):
