@@ -20,7 +20,7 @@ CELL_TYPES = ["B", "T", "NK"]
 
 def make_store(root: Path, n_cells: int = 203, shard_sizes=(120, 83), grn: bool = True, seed: int = 0,
                n_genes: int = N_GENES, genes_per_cell: tuple[int, int] | None = None) -> Path:
-    """A complete store (DESIGN.md sections 1-2) written with the store and GRN writers: Poisson counts over 40
+    """A complete store (docs/design.md sections 1-2) written with the store and GRN writers: Poisson counts over 40
     genes, 3 cell types, 6 regulons, a cell-type GRN per type and a co-expression graph. With ``genes_per_cell``
     (lo, hi): ``n_genes`` genes and each cell expresses a uniform number in [lo, hi] of them (no GRN)."""
     from grnformer_ds.store.manifest import write_manifest

@@ -1,4 +1,4 @@
-"""GRN asset layout (DESIGN.md section 2): write/read round trip, union of active regulons, bitsets, coexpr."""
+"""GRN asset layout (docs/design.md section 2): write/read round trip, union of active regulons, bitsets, coexpr."""
 import warnings
 
 import anndata as ad

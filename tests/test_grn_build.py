@@ -1,4 +1,4 @@
-"""End to end on the demo store (pbmc68k_reduced): build_grn / CLI / ensure_demo_grn write what DESIGN.md says."""
+"""End to end on the demo store (pbmc68k_reduced): build_grn / CLI / ensure_demo_grn write what docs/design.md says."""
 import json
 import shutil
 import warnings

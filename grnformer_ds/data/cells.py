@@ -8,7 +8,7 @@ import numpy as np
 
 @dataclass
 class CellRows:
-    """B cells in CSR form. Gene references are store gene columns ``j in [0, G)`` (DESIGN.md section 1).
+    """B cells in CSR form. Gene references are store gene columns ``j in [0, G)`` (docs/design.md section 1).
 
     indptr: (B+1,) int64; indices: (nnz,) int32 gene columns; data: (nnz,) float32 raw counts (a block straight from
     `StoreReader.read_range` keeps the store's narrower X dtypes, e.g. uint16; batches are always int32 / float32);

@@ -55,11 +55,11 @@ def split_range(n_cells: int, split: str, eval_fraction: float) -> tuple[int, in
 class StreamingCellDataset(IterableDataset):
     """Streams tokenized, masked cells with per-cell multi-scale GRN graphs from a grnformer_ds store.
 
-    Two batch layouts (DESIGN.md section 3): ``batch_size=B`` gives padded (B, L) batches of B cells;
+    Two batch layouts (docs/design.md section 3): ``batch_size=B`` gives padded (B, L) batches of B cells;
     ``max_tokens=N`` gives token-packed micro-batches: whole cells back to back in one (1, T <= N) row with varlen
     keys (``cu_seq_lens_q/k``, ``max_length_q/k``), as many cells as fit (`packing`).
 
-    Pipeline, per batch (DESIGN.md sections 1-3):
+    Pipeline, per batch (docs/design.md sections 1-3):
 
     1. plan (`sampler.EpochPlan` / `packing.PackedEpochPlan`): block shuffle of the split's cells for (seed, epoch),
        partition over ranks, equal number of batches per rank (``drop_last`` drops the epoch's tail, otherwise it

@@ -1,5 +1,5 @@
 """numba kernels of the graph stage: cell-type restriction (written straight into the PyG layout, edges grouped by
-cell; DESIGN.md section 3), regulon union (token slots grouped by cell, for ``perturb.perturb_cells`` to edit in
+cell; docs/design.md section 3), regulon union (token slots grouped by cell, for ``perturb.perturb_cells`` to edit in
 place), its PyG layout, and the undirected, destination-sorted form of both. Rules: ``graphs_reference.py``.
 
 Token slots are flat: cell ``b`` owns slots ``[cell_ptr[b], cell_ptr[b+1])`` of ``slot_genes`` and graph node ``n`` is

@@ -1,4 +1,4 @@
-"""Per-cell multi-scale graphs indexed by token slot, batched in torch-geometric form (DESIGN.md section 3).
+"""Per-cell multi-scale graphs indexed by token slot, batched in torch-geometric form (docs/design.md section 3).
 
 Node ``n`` is token slot ``n`` of the batch: ``b * L + l`` in the padded (B, L) layout, the packed position in the THD
 layout; ``<cls>``, padding, scFoundation's T / S slots and dummy segments are isolated nodes. For every cell

@@ -80,7 +80,7 @@ def _result(pending) -> np.ndarray:
 
 
 class ShardReader:
-    """Rows of one shard (an AnnData zarr, DESIGN.md section 1)."""
+    """Rows of one shard (an AnnData zarr, docs/design.md section 1)."""
 
     def __init__(self, path: Path, n_cells: int, cell_offset: int, backend: str = "tensorstore"):
         self.path, self.n_cells, self.cell_offset, self.backend = Path(path), int(n_cells), int(cell_offset), backend

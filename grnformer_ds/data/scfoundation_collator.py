@@ -1,4 +1,4 @@
-"""scFoundation-style (xTrimoGene) tokenization (DESIGN.md section 3, ``backbone="scfoundation"``).
+"""scFoundation-style (xTrimoGene) tokenization (docs/design.md section 3, ``backbone="scfoundation"``).
 
 As in scFoundation's pretraining inputs: values are ``log1p(x / total * 1e4)`` (continuous, no binning); the total
 counts go in as two scalars ``T`` = log10(raw total count) and ``S`` = log10(total count of the input the model sees)

@@ -1,4 +1,4 @@
-"""scGPT-style tokenization of a batch of cells (DESIGN.md section 3, ``backbone="scgpt"``).
+"""scGPT-style tokenization of a batch of cells (docs/design.md section 3, ``backbone="scgpt"``).
 
 Per cell: nonzero genes -> values normalised to ``target_sum``, log1p, binned into ``n_bins`` (``binning.py``, scGPT's
 rule) -> if more than ``max_seq_len - 1`` genes, a uniformly random subset of that size (scGPT ``pad_batch`` sampling; kept in

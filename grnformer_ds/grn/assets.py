@@ -1,4 +1,4 @@
-"""GRN assets in the store: `STORE/grn/` (zarr v3 group of plain arrays) and per-shard `obsm` (DESIGN.md section 2).
+"""GRN assets in the store: `STORE/grn/` (zarr v3 group of plain arrays) and per-shard `obsm` (docs/design.md section 2).
 
 Everything refers to genes by **store gene column** `j ∈ [0, G)`, never by token id.
 

@@ -1,4 +1,4 @@
-"""`python data_prep/build_grn.py --store STORE ...`: build the GRN assets of a store (see README / build.py)."""
+"""`python data_prep/build_grn.py --store STORE ...`: build the GRN assets of a store (see docs/grn.md / build.py)."""
 from __future__ import annotations
 
 import argparse

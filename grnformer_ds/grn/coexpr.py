@@ -1,6 +1,6 @@
 """Gene co-expression graph for GRNFormer's edge-perturbation augmentation.
 
-Definition (documented in the README fragment):
+Definition (documented in docs/grn.md):
 * Expression is log1p(counts / library size × 1e4) (`store_io.normalize_log1p`), per cell type, on at most
   `max_cells` sampled cells of that type; cell types with fewer than `min_cells` cells are skipped (counted).
 * Within a cell type, for every gene with nonzero variance, its Pearson correlation with every other gene is computed

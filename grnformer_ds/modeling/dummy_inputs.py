@@ -1,4 +1,4 @@
-"""`make_dummy_batch`: a small random batch with exactly the keys, shapes and dtypes of DESIGN.md section 3.
+"""`make_dummy_batch`: a small random batch with exactly the keys, shapes and dtypes of docs/design.md section 3.
 
 For smoke tests, benchmarks and the GPU check script; not used by the model itself. Token ids of store gene column
 j are `j + first_gene_id` (the default union vocabulary: `<pad>`, `<cls>`, `<eoc>` = 0, 1, 2).

@@ -1,6 +1,6 @@
 """Structure encoder: a torch-geometric GNN over each cell's GRNs at both scales.
 
-Nodes are token slots: node n = b * L + l (DESIGN.md section 3), so the output reshapes to (B, L, H) aligned with
+Nodes are token slots: node n = b * L + l (docs/design.md section 3), so the output reshapes to (B, L, H) aligned with
 the tokens. Each scale ("celltype" GRN, "cell"-specific GRN) is encoded by a GNN (one shared GNN or one per scale)
 and the scales' node embeddings are SUMMED into h_struct (paper). The convs are PyG's `BasicGNN` models
 (GraphSAGE by default, the paper's ablation winner; GCN, GIN, GAT), so layers, width, dropout and edge-weight

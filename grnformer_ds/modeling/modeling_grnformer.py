@@ -1,7 +1,7 @@
 """GRNFormer models in HF transformers style: `GRNFormerModel` (encoder + GRN fusion) and `GRNFormerForMaskedLM`
 (+ masked-value regression head).
 
-Forward arguments are the batch keys of DESIGN.md section 3, so `model(**batch)` works for both backbones and both
+Forward arguments are the batch keys of docs/design.md section 3, so `model(**batch)` works for both backbones and both
 layouts: `input_ids`, `values`, `attention_mask` (padded) or `cu_seq_lens_q/k`, `max_length_q/k` (packed), `labels`,
 scFoundation's `total_counts`, `decoder_values`, `decoder_input_ids`, the graphs (`celltype_edge_index`,
 `celltype_edge_weight`, `cell_edge_index`, `cell_edge_weight`, `graph_layout`, `batch`, `ptr`) and the bookkeeping

@@ -1,4 +1,4 @@
-"""Store layout constants (see DESIGN.md section 1). Every path a reader or writer uses is named here."""
+"""Store layout constants (see docs/design.md section 1). Every path a reader or writer uses is named here."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,7 +37,7 @@ REQUIRED_MANIFEST_KEYS = (
 )
 REQUIRED_SHARD_KEYS = ("path", "n_cells", "nnz", "cell_offset", "checksum")
 
-# obs columns of every shard (DESIGN.md section 1).
+# obs columns of every shard (docs/design.md section 1).
 OBS_COLUMNS = ("cell_index", "cell_type", "source_file", "library_size", "n_genes")
 
 

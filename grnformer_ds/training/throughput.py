@@ -55,7 +55,7 @@ class BatchCounts:
 
 
 def batch_counts(batch: dict) -> BatchCounts:
-    """`BatchCounts` of a padded or packed batch (DESIGN.md section 3)."""
+    """`BatchCounts` of a padded or packed batch (docs/design.md section 3)."""
     ids = batch["input_ids"]
     extra = 2 if "total_counts" in batch else 0  # scFoundation's T and S tokens
     if batch.get("cu_seq_lens_q") is not None:
