@@ -141,8 +141,16 @@ def test_scenicplus_and_pyscenic_inputs_through_the_cli(store, tmp_path, capsys)
     adj = tmp_path / "adj.tsv"
     pd.DataFrame({"TF": ["SPI1"] * 3, "target": ["LYZ", "FCGR3A", "CST3"], "importance": [3.0, 2.0, 1.0]}).to_csv(
         adj, sep="\t", index=False)
-    assert main(["--store", str(store), "--pyscenic-adjacencies", str(adj), "--adjacency-top-targets", "2",
-                 "--min-regulon-size", "2", "--no-coexpr", "--quiet"]) == 0
+    second = ["--store", str(store), "--pyscenic-adjacencies", str(adj), "--adjacency-top-targets", "2",
+              "--min-regulon-size", "2", "--no-coexpr", "--quiet"]
+    # a second build on a store with GRN assets is refused (one line, exit 2) and changes nothing ...
+    before = {p.relative_to(store): p.read_bytes() for p in sorted((store / "grn").rglob("*")) if p.is_file()}
+    rc, err = _run_cli(capsys, *second)
+    assert rc == 2 and len(err) == 1 and "already has GRN assets: pass --overwrite" in err[0], err
+    assert {p.relative_to(store): p.read_bytes() for p in sorted((store / "grn").rglob("*")) if p.is_file()} == before
+    assert json.loads((store / "manifest.json").read_text())["assets"]["grn"] == manifest["assets"]["grn"]
+    # ... and replaces them with --overwrite
+    assert main(second + ["--overwrite"]) == 0
     a = read_grn_assets(store)
     assert a.regulon_names.tolist() == ["SPI1(+)"]
     assert sorted(genes[t] for t in a.regulon_edges(0)[1]) == ["FCGR3A", "LYZ"]
@@ -166,3 +174,20 @@ def test_demo_grn_is_real_and_idempotent(store):
     assert logged == []  # second call: nothing rebuilt
     grn = json.loads((store / "manifest.json").read_text())["assets"]["grn"]
     assert grn["sources"][0]["kind"] == "builtin_prior" and grn["options"]["infer"] is DEMO_OPTIONS["infer"]
+
+
+def test_infer_from_a_prior_works_on_ordinary_data_without_extra_flags(store, tmp_path, capsys):
+    """The docs' --infer example as written: small cell types (CD34+ has 13 cells) cannot be inferred and get the
+    network inferred on all cells (the --infer default), counted, instead of failing."""
+    path, _ = _table(tmp_path, set(open_store(store).gene_names))
+    rc = main(["--store", str(store), "--tf-targets", str(path), "--infer", "--min-abs-corr", "0.1",
+               "--min-expr-frac", "0.05", "--min-regulon-size", "1", "--no-coexpr", "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    grn = json.loads((store / "manifest.json").read_text())["assets"]["grn"]
+    assert grn["options"]["empty_celltype"] == "global" and grn["report"]["counts"]["celltypes_empty"] >= 3
+    assert (np.diff(read_grn_assets(store).celltype_indptr) > 0).all()
+    # without --infer a table missing cell types is still an error (a per-cell-type table with gaps is a mistake)
+    path, _ = _table(tmp_path, set(open_store(store).gene_names), cell_type=open_store(store).cell_types[0])
+    rc, err = _run_cli(capsys, "--store", str(store), "--tf-targets", str(path), "--no-coexpr", "--overwrite")
+    assert rc == 2 and "--empty-celltype" in err[0]

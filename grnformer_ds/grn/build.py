@@ -168,11 +168,17 @@ def _infer(options: GRNBuildOptions, view: StoreView, prior: pd.DataFrame | None
     return edges, pooled
 
 
-def build_grn(store, options: GRNBuildOptions | None = None, *, log: Callable[[str], None] = print) -> dict:
-    """Build and write every GRN asset of `store`; returns the `assets.grn` manifest entry."""
+def build_grn(store, options: GRNBuildOptions | None = None, *, log: Callable[[str], None] = print,
+              overwrite: bool = False) -> dict:
+    """Build and write every GRN asset of `store`; returns the `assets.grn` manifest entry.
+
+    A store that already has GRN assets is refused unless `overwrite` (as build_store.py refuses an existing store):
+    a second run with other inputs would otherwise silently replace networks a model was trained on."""
     options = options or GRNBuildOptions()
     t_start = time.time()
     view = open_store_view(store)
+    if grn_assets.has_grn_assets(view.root) and not overwrite:
+        raise UserInputError("already has GRN assets: pass --overwrite to replace them", path=str(view.root))
     report = BuildReport()
     matcher = view.matcher(options.match_by)
     frames, sources = _read_inputs(options)

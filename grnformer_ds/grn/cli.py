@@ -37,8 +37,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-cells-per-type", type=int, default=5000, help="cells sampled per cell type (infer/coexpr)")
     g.add_argument("--min-cells-infer", type=int, default=20, help="smaller cell types are not inferred")
     g = p.add_argument_group("networks")
-    g.add_argument("--empty-celltype", choices=("error", "global", "allow"), default="error",
-                   help="a store cell type with no edge: fail, use the pooled network, or keep it empty")
+    g.add_argument("--empty-celltype", choices=("error", "global", "allow"), default=None,
+                   help="a store cell type with no edge: fail, use the pooled network, or keep it empty (default: "
+                        "global with --infer, where small cell types cannot be inferred; error otherwise)")
     g.add_argument("--min-regulon-size", type=int, default=5, help="regulons with fewer targets are dropped")
     g = p.add_argument_group("AUCell and thresholds")
     g.add_argument("--auc-threshold", type=float, default=0.05, help="fraction of top-ranked genes (pySCENIC)")
@@ -56,6 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--coexpr-top-k", type=int, default=10, help="partners kept per gene per cell type")
     g.add_argument("--coexpr-min-corr", type=float, default=0.3, help="minimum Pearson r of a co-expression link")
     g.add_argument("--coexpr-min-cells", type=int, default=30, help="smaller cell types add no links")
+    p.add_argument("--overwrite", action="store_true", help="replace the store's existing GRN assets")
     p.add_argument("--quiet", action="store_true", help="print only warnings and the summary line")
     return p
 
@@ -90,7 +92,9 @@ def options_from_args(a: argparse.Namespace) -> GRNBuildOptions:
         builtin_prior=a.builtin_prior, tf_list=a.tf_list, match_by=a.match_by, infer=a.infer,
         infer_method=a.infer_method, min_expr_frac=a.min_expr_frac, min_abs_corr=a.min_abs_corr,
         grnboost_top_targets=a.grnboost_top_targets, max_cells_per_type=a.max_cells_per_type,
-        min_cells_infer=a.min_cells_infer, empty_celltype=a.empty_celltype, min_regulon_size=a.min_regulon_size,
+        min_cells_infer=a.min_cells_infer,
+        empty_celltype=a.empty_celltype or ("global" if a.infer or a.demo else "error"),
+        min_regulon_size=a.min_regulon_size,
         auc_threshold=a.auc_threshold, aucell_weighted=a.aucell_weights, seed=a.seed, block_size=a.block_size,
         n_workers=a.workers, threshold_method=a.threshold_method,
         threshold_overrides=parse_threshold_overrides(a.threshold, a.thresholds_file),
@@ -111,5 +115,5 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet or line.startswith("warning") or line.startswith("GRN assets written"):
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
 
-    build_grn(args.store, options, log=log)
+    build_grn(args.store, options, log=log, overwrite=args.overwrite)
     return 0

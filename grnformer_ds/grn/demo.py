@@ -40,5 +40,6 @@ def ensure_demo_grn(store, *, force: bool = False, n_workers: int = 1, log: Call
     from .build import GRNBuildOptions, build_grn
 
     if force or not demo_grn_complete(store):
-        build_grn(store, GRNBuildOptions(**DEMO_OPTIONS, n_workers=n_workers), log=log)
+        # overwrite: what is there is incomplete (or `force`)
+        build_grn(store, GRNBuildOptions(**DEMO_OPTIONS, n_workers=n_workers), log=log, overwrite=True)
     return grn_assets.read_grn_assets(store)
