@@ -60,18 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="data order, masking and initial weights (0)")
 
     g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument("--output-dir", default=None, help="run directory (default: runs/demo or runs/pretrain)")
+    g.add_argument("--output-dir", default=None,
+                   help="run directory (default: a new runs/demo/<date-time> or runs/pretrain/<date-time>, linked as "
+                        "runs/demo/latest; --resume alone continues that latest run)")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: 25 demo / 500)")
     g.add_argument("--eval-batches", type=int, default=4, help="held-out micro-batches per evaluation and rank (4)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: 50 demo / 500)")
     g.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep (2)")
     g.add_argument("--log-every", type=int, default=1, help="log metrics every N steps (1)")
-    g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint (a changed --max-steps/--lr/--warmup-steps/"
+                        "--min-lr-ratio continues the LR smoothly from where it was, with a note)")
     g.add_argument("--overwrite-output-dir", action="store_true",
                    help="start over in an --output-dir that holds another run's checkpoints (deletes them)")
     g.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many NaN/Inf losses in a row (5)")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end of the run")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--verbose", action="store_true",
+                   help="print everything: DeepSpeed/MLflow/transformers logs, the demo GRN build's report")
     g.add_argument("--mlflow-tracking-uri", default=None,
                    help="MLflow tracking URI (default sqlite:///<output-dir>/mlflow.db); 'none' disables MLflow")
     g.add_argument("--experiment-name", default="grnformer_ds", help="MLflow experiment (grnformer_ds)")

@@ -14,7 +14,7 @@ import torch
 from grnformer_ds.errors import UserInputError
 from grnformer_ds.training import checkpoint as ckpt
 from grnformer_ds.training.ds_config import load_ds_config, resolve_ds_config
-from grnformer_ds.training.schedule import warmup_cosine_factor
+from grnformer_ds.training.schedule import LRSchedule, warmup_cosine_factor
 from grnformer_ds.training.settings import BatchSettings, OptimSettings, RunSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +109,49 @@ def test_warmup_cosine_reference_points():
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay
 
 
+def _max_jump(schedule, steps):
+    lrs = [schedule.lr_at(s) for s in steps]
+    return max(abs(a - b) for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("resume_step", [3, 20, 100, 150])
+def test_resume_with_a_longer_schedule_continues_the_lr_smoothly(resume_step):
+    """--resume with --max-steps 100 → 200 at step 20 (past warmup), 3 (inside it), 100 (at the floor), 150 (after the
+    old end): the LR at the resume step is the old run's, then decays to the new floor at the new end, no jump."""
+    old = LRSchedule.warmup_cosine(3e-3, 5, 100, 0.1)
+    new = LRSchedule.warmup_cosine(3e-3, 10, 200, 0.1)
+    note = new.continue_from(old, resume_step)
+    assert note is not None and "max_steps 100 → 200" in note and "warmup_steps 5 → 10" in note
+    assert [new.lr_at(s) for s in range(resume_step + 1)] == [old.lr_at(s) for s in range(resume_step + 1)]
+    assert new.lr_at(200) == pytest.approx(3e-4) and new.lr_at(250) == pytest.approx(3e-4)
+    typical = _max_jump(old, range(0, 100))  # the largest step-to-step change of the original curve
+    assert _max_jump(new, range(resume_step, 201)) <= typical + 1e-12
+    # the segments round-trip through the checkpoint, and an unchanged resume adds nothing
+    again = LRSchedule.warmup_cosine(3e-3, 10, 200, 0.1)
+    assert again.continue_from(LRSchedule.from_state(new.state_dict()), 180) is None
+    assert [again.lr_at(s) for s in range(0, 210, 7)] == [new.lr_at(s) for s in range(0, 210, 7)]
+
+
+def test_extending_a_finished_run_stays_at_its_floor_instead_of_jumping_up():
+    """The issue's case: a run that ended at its floor (3e-4), resumed with a longer --max-steps, used to jump back
+    up the new cosine (to 2.8e-3 here) at the next step."""
+    old = LRSchedule.warmup_cosine(3e-3, 1, 20, 0.1)
+    new = LRSchedule.warmup_cosine(3e-3, 5, 100, 0.1)
+    assert new.lr_at(20) - old.lr_at(20) > 2e-3  # without continuing
+    new.continue_from(old, 20)
+    assert all(new.lr_at(s) == pytest.approx(3e-4) for s in range(20, 120))
+
+
+def test_resume_with_a_new_peak_lr_inside_the_warmup_ramps_to_it():
+    old = LRSchedule.warmup_cosine(1e-3, 10, 100, 0.1)
+    new = LRSchedule.warmup_cosine(2e-3, 10, 100, 0.1)
+    assert "lr 0.001 → 0.002" in new.continue_from(old, 4)
+    assert new.lr_at(4) == old.lr_at(4) and new.lr_at(10) == pytest.approx(2e-3)
+    ramp = [new.lr_at(s) for s in range(4, 11)]
+    assert all(b > a for a, b in zip(ramp, ramp[1:]))
+    assert new.lr_at(100) == pytest.approx(2e-4)
+
+
 # ------------------------------------------------------------------ checkpoint atomics
 def test_find_latest_ignores_interrupted_save(tmp_path):
     root = str(tmp_path)
@@ -185,7 +228,7 @@ def dist_info():
 
 def _trainer(tmp_path, dist_info, max_steps, poison=(), resume=False, max_nonfinite=3, save_every=100):
     from grnformer_ds.training.engine import build_engine
-    from grnformer_ds.training.schedule import build_scheduler
+    from grnformer_ds.training.schedule import LRSchedule, build_scheduler
     from grnformer_ds.training.tracking import Tracker
     from grnformer_ds.training.trainer import Trainer
 
@@ -194,7 +237,7 @@ def _trainer(tmp_path, dist_info, max_steps, poison=(), resume=False, max_nonfin
     r = resolve_ds_config(load_ds_config(ZERO3), s, dist_info.world_size)
     torch.manual_seed(0)
     eng = build_engine(ToyMLM(), r, 1e-2, 0.0, (0.9, 0.999), 1e-8,
-                       lambda o: build_scheduler(o, 2, max_steps, 0.1), has_gpu=False)
+                       lambda o: build_scheduler(o, LRSchedule.warmup_cosine(1e-2, 2, max_steps, 0.1)), has_gpu=False)
     return Trainer(eng, s, r, ToyBatches(poison=poison), None, Tracker(False, "", ""), is_main=True)
 
 
@@ -294,7 +337,7 @@ def test_accumulating_two_micro_batches_equals_one_step_over_both(tmp_path, dist
     from grnformer_ds.data.packing import pack_padded_batch
     from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForMaskedLM, make_dummy_batch
     from grnformer_ds.training.engine import build_engine
-    from grnformer_ds.training.schedule import build_scheduler
+    from grnformer_ds.training.schedule import LRSchedule, build_scheduler
     from grnformer_ds.training.tracking import Tracker
     from grnformer_ds.training.trainer import Trainer
 
@@ -312,7 +355,7 @@ def test_accumulating_two_micro_batches_equals_one_step_over_both(tmp_path, dist
         r = resolve_ds_config(load_ds_config(ZERO3), s, dist_info.world_size)
         torch.manual_seed(0)
         eng = build_engine(GRNFormerForMaskedLM(cfg), r, 1e-3, 0.0, (0.9, 0.999), 1e-8,
-                           lambda o: build_scheduler(o, 1, 1, 0.1), has_gpu=False)
+                           lambda o: build_scheduler(o, LRSchedule.warmup_cosine(1e-3, 1, 1, 0.1)), has_gpu=False)
         grads, real_step = {}, eng.step
 
         def step():  # the accumulated gradient, before the optimizer consumes it

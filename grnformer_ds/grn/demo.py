@@ -5,7 +5,8 @@ Recipe (`python data_prep/build_grn.py --store STORE --demo` runs the same):
 * `--infer` correlation: per cell type keep the prior edges whose regulator and target are expressed in ≥ 5 % of the
   type's cells and have |Pearson r| ≥ 0.1 on log1p-normalised expression;
 * cell types left with no edge use the pooled network (`--empty-celltype global`, counted in the manifest);
-* regulons of ≥ 3 targets; AUCell with pySCENIC's defaults (auc_threshold 0.05, seed 0); co-expression top-20, r ≥ 0.2.
+* regulons of ≥ 3 targets; AUCell with pySCENIC's defaults (auc_threshold 0.05, seed 0); co-expression with
+  build_grn.py's defaults (top-10 partners, r ≥ 0.3).
 """
 from __future__ import annotations
 

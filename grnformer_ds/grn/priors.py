@@ -1,4 +1,4 @@
-"""A human TF–target prior that ships inside a PyPI package, for the demo and for `--prior builtin`.
+"""A human TF–target prior that ships inside a PyPI package, for the demo and for `--builtin-prior`.
 
 The `priori-regulon-enrichment` package (Priori, Yashar et al. 2023, GPL-3.0; `pip install priori-regulon-enrichment`)
 ships `priori/data/primary_intx_regulon.pkl`: 122,785 human regulator → target pairs (1,513 regulators) of Pathway
@@ -29,7 +29,7 @@ def builtin_prior_path():
         path = None
     if path is None or not path.is_file():
         raise UserInputError("the built-in human TF–target prior needs the `priori-regulon-enrichment` package "
-                             "(pip install priori-regulon-enrichment); or pass your own --tf-targets / --prior table")
+                             "(pip install priori-regulon-enrichment); or pass your own --tf-targets table")
     return path
 
 

@@ -276,8 +276,8 @@ def build_store(inputs: list[str] | str, out: str | Path, **options) -> "Store":
     """Convert .h5ad file(s) into a store at `out` on this machine and return it opened.
 
     Options are `BuildOptions` fields: layer, use_raw, gene_vocab, gene_id_column, cell_type_key, shard_size,
-    seed, allow_non_integer, min_mapped_fraction, overwrite, workers, progress; plus verify_data (re-hash every
-    shard in finalize). Raises UserInputError for bad input; the store is then not marked complete.
+    seed, allow_non_integer, min_mapped_fraction, overwrite, workers, progress; plus verify_data (finalize decodes
+    every X chunk: crc32c and column bounds). Raises UserInputError for bad input; the store is then not marked complete.
     """
     from .store import open_store
 

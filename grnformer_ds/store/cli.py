@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--finalize", action="store_true", help="verify all shards and write the manifest "
                                                              "(same as --stage finalize)")
     run.add_argument("--verify-data", action="store_true",
-                     help="finalize re-reads every shard and checks its sha256 (slower)")
+                     help="finalize also decodes every X chunk (checks its crc32c) and checks column bounds (slower)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 

@@ -25,9 +25,14 @@ VOCAB = "vocab.json"
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """(checkpoints root, tag) for a run's output dir, its `checkpoints/` dir, or one tag dir."""
+    """(checkpoints root, tag) for a run's output dir, its `checkpoints/` dir, one tag dir, or a runs root such as
+    `runs/demo` (its `latest` run, run_dir.py)."""
+    from grnformer_ds.training.run_dir import latest_run
+
     if not os.path.isdir(path):
         raise UserInputError("checkpoint directory not found", path)
+    if not os.path.isdir(os.path.join(path, "checkpoints")) and latest_run(path) is not None:
+        path = latest_run(path)
     if os.path.isfile(os.path.join(path, ckpt.COMPLETE)):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
     for root in (path, os.path.join(path, "checkpoints")):

@@ -18,34 +18,42 @@ def demo_cache_dir(explicit: str | None = None) -> str:
     return explicit or os.environ.get("GRNFORMER_DS_CACHE") or os.path.join(Path.home(), ".cache", "grnformer_ds")
 
 
-def ensure_demo(cache_dir: str | None = None, say: Callable[[str], None] = print) -> str:
-    """Build (once) and return the demo store: pbmc68k_reduced cells plus GRN assets (graphs)."""
-    from grnformer_ds.store import ensure_demo_store
+def ensure_demo(cache_dir: str | None = None, say: Callable[[str], None] = print, verbose: bool = False) -> str:
+    """Build (once) and return the demo store: pbmc68k_reduced cells plus GRN assets (graphs).
+
+    One line per thing built. The GRN build's own report (prior genes missing from the 765-gene store, small cell
+    types, …) is about a prior the user did not choose: it is counted in that line and kept in the manifest
+    (`assets.grn.report`); `verbose` prints it as `build_grn.py` does."""
+    import time
+
     from grnformer_ds.grn import has_grn_assets
+    from grnformer_ds.grn.demo import ensure_demo_grn
+    from grnformer_ds.store import ensure_demo_store
 
     path = os.path.join(demo_cache_dir(cache_dir), DEMO_DIR_NAME)
     if not os.path.isfile(os.path.join(path, "manifest.json")):
-        say(f"building the demo store in {path} (first use) ...")
-    ensure_demo_store(path)
+        t0 = time.time()
+        ensure_demo_store(path)
+        say(f"demo store: built {path} from scanpy's pbmc68k_reduced (first use, {time.time() - t0:.0f} s)")
     if not has_grn_assets(path):
-        try:
-            from grnformer_ds.grn.demo import ensure_demo_grn
-        except ImportError:
-            say("warning: this grnformer_ds has no demo GRN builder (grnformer_ds.grn.demo); training without graphs")
-            return str(path)
-        say(f"building demo GRN assets in {path}/grn (first use) ...")
-        ensure_demo_grn(path)
+        t0, lines = time.time(), []
+        assets = ensure_demo_grn(path, log=say if verbose else lines.append)
+        notes = sum(line.startswith("warning") for line in lines)
+        say(f"demo GRN assets: built from the built-in human prior with --infer (first use, {time.time() - t0:.0f} "
+            f"s): {assets.n_regulons} regulons, {len(assets.celltype_src)} cell-type edges"
+            + (f"; {notes} notes in its manifest (assets.grn.report), --verbose prints them" if notes else ""))
     return str(path)
 
 
-def prepare_store(data: str | None, cache_dir: str | None, is_main: bool, say: Callable[[str], None]) -> str:
+def prepare_store(data: str | None, cache_dir: str | None, is_main: bool, say: Callable[[str], None],
+                  verbose: bool = False) -> str:
     """The store to train on: `data`, or the demo store (built by rank 0; callers barrier afterwards)."""
     if data is not None:
         if not os.path.isdir(data):
             raise UserInputError("store directory not found", data)
         return data
     if is_main:
-        return ensure_demo(cache_dir, say)
+        return ensure_demo(cache_dir, say, verbose)
     return os.path.join(demo_cache_dir(cache_dir), DEMO_DIR_NAME)
 
 
@@ -63,6 +71,15 @@ def store_has_graphs(store) -> bool:
     from grnformer_ds.grn import has_grn_assets
 
     return has_grn_assets(store.path if hasattr(store, "path") else store.root)
+
+
+def describe_store(store, path: str) -> str:
+    """The run's one line about its data."""
+    grn = ((getattr(store, "manifest", {}) or {}).get("assets") or {}).get("grn")
+    graphs = (f"GRN assets ({grn.get('n_regulons', '?')} regulons)" if grn and store_has_graphs(store)
+              else "no GRN assets (data_prep/build_grn.py adds them)")
+    return (f"store: {path}: {store.n_cells:,} cells, {store.n_genes:,} genes, {len(store.cell_types)} cell types, "
+            f"{graphs}")
 
 
 def store_summary(store, path: str) -> dict[str, Any]:

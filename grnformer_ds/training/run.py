@@ -4,11 +4,11 @@ The launcher (launchers/pretrain.py) only parses arguments; everything here is i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
-import warnings
 from argparse import Namespace
 
 import torch
@@ -20,25 +20,18 @@ from grnformer_ds.training import integration as I
 from grnformer_ds.training.ds_config import load_ds_config, resolve_ds_config
 from grnformer_ds.training.settings import BatchSettings, OptimSettings, RunSettings
 
-# Demo-run defaults (no --data): a model and schedule that finish in a few minutes on two CPU cores.
-DEMO = dict(preset="debug", max_steps=100, lr=3e-3, eval_every=25, save_every=50, output_dir="runs/demo")
-FULL = dict(preset="small", max_steps=10000, lr=1e-4, eval_every=500, save_every=500, output_dir="runs/pretrain")
-
-
-def _quiet_libraries() -> None:
-    """DeepSpeed/torch print deprecation chatter at every step on CPU; keep the console to our own lines."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*TypedStorage.*")
-    import logging
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+# Demo-run defaults (no --data): a model and schedule that finish in a few minutes on two CPU cores. `runs_root`:
+# where a run without --output-dir gets its own timestamped directory (run_dir.py).
+DEMO = dict(preset="debug", max_steps=100, lr=3e-3, eval_every=25, save_every=50, runs_root="runs/demo")
+FULL = dict(preset="small", max_steps=10000, lr=1e-4, eval_every=500, save_every=500, runs_root="runs/pretrain")
 
 
 def settings_from_args(args: Namespace) -> RunSettings:
+    """The run's settings; `output_dir` is --output-dir or, until `choose_run_dir` picks the run's own directory,
+    the runs root."""
     d = DEMO if args.data is None else FULL
     return RunSettings(
-        output_dir=args.output_dir or d["output_dir"], data=args.data,
+        output_dir=args.output_dir or d["runs_root"], data=args.data,
         max_steps=args.max_steps or d["max_steps"], eval_every=args.eval_every or d["eval_every"],
         eval_batches=args.eval_batches, save_every=args.save_every or d["save_every"], keep_last=args.keep_last,
         log_every=args.log_every, seed=args.seed, precision=args.precision, max_nonfinite=args.max_nonfinite,
@@ -64,7 +57,10 @@ def _saved_mlflow_run_id(settings: RunSettings) -> str | None:
 
 
 def run_pretraining(args: Namespace) -> int:
-    _quiet_libraries()
+    from grnformer_ds.training.console import muted, quiet_libraries
+
+    verbose = bool(getattr(args, "verbose", False))
+    quiet_libraries(verbose)
     t_start = time.time()
     if args.num_workers is None:
         # CPU runs share their cores with the model; on GPU the loader must keep up, so use worker processes.
@@ -75,7 +71,9 @@ def run_pretraining(args: Namespace) -> int:
 
     from grnformer_ds.training import engine as E
     from grnformer_ds.training.guards import NonFiniteLossError
-    from grnformer_ds.training.schedule import build_scheduler
+    from grnformer_ds.training.run_dir import choose_run_dir
+    from grnformer_ds.training.schedule import LRSchedule, build_scheduler
+    from grnformer_ds.training.threads import apply_thread_default
     from grnformer_ds.training.tracking import Tracker, default_tracking_uri
     from grnformer_ds.training.trainer import OutOfMemoryHint, Trainer
 
@@ -84,10 +82,16 @@ def run_pretraining(args: Namespace) -> int:
                                  has_gpu=info.has_gpu, bf16_supported=E.bf16_supported(info))
     E.validate_ds_config(resolved, args.deepspeed_config)
     say = (lambda *a: print(*a, flush=True)) if info.is_main else (lambda *a: None)
+    run_dir = choose_run_dir(args.output_dir, settings.output_dir, settings.resume, info.is_main)
+    settings = dataclasses.replace(settings, output_dir=run_dir.path)
+    dist.barrier()  # every rank is past start-up: the cores busy now are other work's (threads.py)
+    threads = apply_thread_default()
+    say(f"grnformer_ds pretrain: {info.world_size} rank(s) on {info.device.type}, ZeRO stage {resolved.zero_stage}, "
+        f"{resolved.precision}, {settings.max_steps} steps")
+    say(f"run directory: {settings.output_dir}" + (f" ({run_dir.how})" if run_dir.how else ""))
+    say(threads.describe())
     for note in resolved.notes:
         say(f"note: {note}")
-    say(f"grnformer_ds pretrain: {info.world_size} rank(s) on {info.device.type}, ZeRO stage {resolved.zero_stage}, "
-        f"{resolved.precision}, {settings.max_steps} steps → {os.path.abspath(settings.output_dir)}")
 
     # ---- never mix two runs in one output dir (the checkpoints and metrics.jsonl would interleave)
     ckpt_root = os.path.join(settings.output_dir, "checkpoints")
@@ -115,9 +119,10 @@ def run_pretraining(args: Namespace) -> int:
             os.remove(metrics)
 
     # ---- store (the demo store is built once, by rank 0, with GRN graphs)
-    store_path = I.prepare_store(settings.data, args.demo_cache_dir, info.is_main, say)
+    store_path = I.prepare_store(settings.data, args.demo_cache_dir, info.is_main, say, verbose)
     dist.barrier()
     store = I.open_store(store_path)
+    say(I.describe_store(store, store_path))
 
     # ---- model config (vocabulary must fit) and model
     preset = args.model_preset or (DEMO["preset"] if settings.data is None else FULL["preset"])
@@ -141,11 +146,11 @@ def run_pretraining(args: Namespace) -> int:
     train_batches, eval_batches = I.build_datasets(store_path, config, settings, resolved, info, args)
 
     # ---- engine
-    warmup = settings.optim.resolved_warmup(settings.max_steps)
     o = settings.optim
+    schedule = LRSchedule.warmup_cosine(o.lr, o.resolved_warmup(settings.max_steps), settings.max_steps,
+                                        o.min_lr_ratio)
     engine = E.build_engine(model, resolved, o.lr, o.weight_decay, o.betas, o.eps,
-                            lambda opt: build_scheduler(opt, warmup, settings.max_steps, o.min_lr_ratio),
-                            has_gpu=info.has_gpu)
+                            lambda opt: build_scheduler(opt, schedule), has_gpu=info.has_gpu)
     prepare_batch = None
     if settings.compile:
         from grnformer_ds.training.compile import compile_engine
@@ -154,7 +159,8 @@ def run_pretraining(args: Namespace) -> int:
     torch.manual_seed(settings.seed + 1000 * info.rank)  # dropout differs across ranks, reproducibly
 
     # ---- tracking (rank 0)
-    uri = settings.mlflow_tracking_uri or default_tracking_uri(settings.output_dir)
+    # automatic run directories share one tracking database per runs root (every demo run in one `mlflow ui`)
+    uri = settings.mlflow_tracking_uri or default_tracking_uri(run_dir.root or settings.output_dir)
     if info.is_main:
         os.makedirs(settings.output_dir, exist_ok=True)
     tracker = Tracker(info.is_main and uri.lower() != "none", uri, settings.experiment_name, settings.run_name,
@@ -185,7 +191,7 @@ def run_pretraining(args: Namespace) -> int:
     from grnformer_ds.training.throughput import flops_profile
 
     trainer = Trainer(engine, settings, resolved, train_batches, eval_batches, tracker, info.is_main,
-                      flops_info=flops_profile(model), prepare_batch=prepare_batch)
+                      flops_info=flops_profile(model), prepare_batch=prepare_batch, schedule=schedule, say=say)
     status = "FAILED"
     try:
         trainer.maybe_resume()
@@ -197,15 +203,16 @@ def run_pretraining(args: Namespace) -> int:
     finally:
         if status != "FINISHED":
             tracker.end("FAILED")
-    say(f"done: step {trainer.state.step}, loss {last.get('loss', float('nan')):.4f}"
-        + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+    say(f"done: step {trainer.state.step}, loss {last.get('loss', float('nan')):.1f}"
+        + (f", held-out loss {last['eval_loss']:.1f}" if "eval_loss" in last else "")
         + f", {time.time() - t_start:.0f} s")
 
     # ---- export (rank 0 consolidates the checkpoint just written; other ranks wait)
     if settings.export and info.is_main:
         from grnformer_ds.training.export import export_checkpoint
 
-        hf_dir = export_checkpoint(ckpt_root, os.path.join(settings.output_dir, "hf_model"))
+        with muted(verbose):  # DeepSpeed's consolidation prints its progress
+            hf_dir = export_checkpoint(ckpt_root, os.path.join(settings.output_dir, "hf_model"))
         tracker.log_artifact(hf_dir, "hf_model")
         say(f"exported Hugging Face model to {hf_dir}")
     dist.barrier()

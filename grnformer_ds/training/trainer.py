@@ -30,6 +30,7 @@ from grnformer_ds.errors import UserInputError
 from grnformer_ds.training import checkpoint as ckpt
 from grnformer_ds.training.ds_config import ResolvedConfig
 from grnformer_ds.training.guards import NonFiniteGuard, is_oom, oom_hint
+from grnformer_ds.training.schedule import LRSchedule
 from grnformer_ds.training.settings import RunSettings
 from grnformer_ds.training.throughput import BatchCounts, batch_counts, masked_positions, peak_flops, train_flops
 from grnformer_ds.training.tracking import Tracker
@@ -63,6 +64,7 @@ class TrainState:
     nonpad_tokens_seen: int = 0
     mlflow_run_id: str | None = None
     guard: dict = field(default_factory=dict)
+    schedule: list = field(default_factory=list)  # LRSchedule.state_dict(): the LR curve's segments
 
 
 def _reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -96,7 +98,9 @@ class Trainer:
                  eval_batches: Iterable[dict[str, torch.Tensor]] | None, tracker: Tracker, is_main: bool,
                  flops_info: dict[str, int] | None = None,
                  on_save: Callable[[str], None] | None = None,
-                 prepare_batch: Callable[[dict], dict] | None = None):
+                 prepare_batch: Callable[[dict], dict] | None = None,
+                 schedule: LRSchedule | None = None,
+                 say: Callable[[str], None] | None = None):
         self.engine = engine
         self.s = settings
         self.resolved = resolved
@@ -118,6 +122,8 @@ class Trainer:
         self.flops_info = flops_info or {}
         self.peak = peak_flops(self.device)
         self.on_save = on_save
+        self.schedule = schedule  # the LR curve `engine.lr_scheduler` reads; a resume may extend it
+        self.say = say or ((lambda line: print(line, flush=True)) if is_main else (lambda line: None))
         self._it: Iterator | None = None
         self.last_saved_step = -1
 
@@ -159,8 +165,7 @@ class Trainer:
             return
         tag = ckpt.find_latest(self.ckpt_root)
         if tag is None:
-            if self.is_main:
-                print(f"--resume: no complete checkpoint under {self.ckpt_root}; starting from step 0", flush=True)
+            self.say(f"--resume: no complete checkpoint under {self.ckpt_root}; starting from step 0")
             return
         with open(os.path.join(self.ckpt_root, tag, ckpt.TRAINER_STATE), encoding="utf-8") as fh:
             saved = json.load(fh)
@@ -184,7 +189,22 @@ class Trainer:
         self.last_saved_step = self.state.step
         if self.is_main:
             self._truncate_metrics(self.state.step)
-            print(f"resumed from {os.path.join(self.ckpt_root, tag)} at step {self.state.step}", flush=True)
+        self.say(f"resumed from {os.path.join(self.ckpt_root, tag)} at step {self.state.step}")
+        self._continue_schedule(trainer_state.get("schedule"))
+
+    def _continue_schedule(self, saved: list | None) -> None:
+        """Continue the checkpoint's LR curve under this run's schedule settings (schedule.py): one line when they
+        changed. A checkpoint without segments (older runs) is taken to have had this run's settings."""
+        if self.schedule is None or not saved:
+            return
+        note = self.schedule.continue_from(LRSchedule.from_state(saved), self.state.step)
+        if note:
+            self.say(f"note: {note}")
+        sched = self.engine.lr_scheduler
+        if sched is not None:  # factors are relative to this run's peak LR (the checkpoint restored the old one)
+            sched.base_lrs = [self.schedule.peak_lr] * len(sched.base_lrs)
+            for group in sched.optimizer.param_groups:
+                group["lr"] = self.schedule.lr_at(self.state.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines a killed run wrote after the checkpoint we resume from (they will be redone)."""
@@ -197,6 +217,8 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoint
     def save(self) -> str | None:
         self.state.guard = self.guard.state_dict()
+        if self.schedule is not None:
+            self.state.schedule = self.schedule.state_dict()
         self.state.mlflow_run_id = self.tracker.run_id if self.is_main else self.state.mlflow_run_id
         trainer_state = {**self.state.__dict__, "world_size": self.resolved.world_size,
                          "micro_batch_size": self.resolved.micro_batch_size, "grad_accum": self.resolved.grad_accum,
@@ -317,8 +339,9 @@ class Trainer:
         if self.is_main and self.s.progress:
             from tqdm.auto import tqdm
 
+            # disable=None: no bar when the output is not a terminal (a SLURM log would get one line per update)
             bar = tqdm(total=self.s.max_steps, initial=self.state.step, desc="pretrain", unit="step",
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, disable=None)
         last: dict[str, float] = {}
         try:
             while self.state.step < self.s.max_steps:
@@ -327,6 +350,10 @@ class Trainer:
                 eval_loss = self.evaluate() if (step % self.s.eval_every == 0 or step == self.s.max_steps) else None
                 if step % self.s.log_every == 0 or eval_loss is not None or step == self.s.max_steps:
                     last = self._log(r, eval_loss, bar)
+                if eval_loss is not None:  # one line per evaluation, above the progress bar
+                    line = (f"step {step}/{self.s.max_steps}: loss {last.get('loss', float('nan')):.1f}, "
+                            f"held-out loss {eval_loss:.1f}")
+                    bar.write(line) if bar is not None else self.say(line)
                 if bar is not None:
                     bar.update(1)
                 if step % self.s.save_every == 0 and step != self.s.max_steps:

@@ -265,7 +265,7 @@ def run_one(run: Run, args, stores: dict, info) -> dict:
     if run.mode == "zero3":
         from grnformer_ds.training import engine as E
         from grnformer_ds.training.ds_config import load_ds_config, resolve_ds_config
-        from grnformer_ds.training.schedule import build_scheduler
+        from grnformer_ds.training.schedule import LRSchedule, build_scheduler
         from grnformer_ds.training.settings import BatchSettings, RunSettings
 
         batch = BatchSettings(run.micro_batch if run.layout == "padded" else None, 1)
@@ -275,7 +275,7 @@ def run_one(run: Run, args, stores: dict, info) -> dict:
         raw["zero_optimization"].update(run.zero)
         r = resolve_ds_config(raw, s, info.world_size, cfg_path, has_gpu=cuda)
         engine = E.build_engine(model, r, 1e-4, 0.01, (0.9, 0.999), 1e-8,
-                                lambda o: build_scheduler(o, 10, 10**6, 0.1), has_gpu=cuda,
+                                lambda o: build_scheduler(o, LRSchedule.warmup_cosine(1e-4, 10, 10**6, 0.1)), has_gpu=cuda,
                                 leaf_blocks=run.leaf_blocks)
         prepare = compile_engine(engine) if run.compile else None
         fwd = engine
