@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   default=os.path.join(REPO, "ds_configs", "zero3.json"), help="DeepSpeed JSON (ds_configs/zero3.json)")
+                   default=os.path.join(REPO, "ds_configs", "zero3.json"),
+                   help="DeepSpeed JSON (ds_configs/zero3.json)")
     g.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted for HF-style commands
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher

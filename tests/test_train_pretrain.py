@@ -46,8 +46,8 @@ def _cmd(args, ranks: int | None = 1, launcher: bool = True) -> list[str]:
     return head + [PRETRAIN, *args]
 
 
-def _run(args, ranks=1, launcher=True, timeout=240) -> subprocess.CompletedProcess:
-    p = subprocess.run(_cmd(args, ranks, launcher), cwd=REPO, env=_env(), capture_output=True, text=True,
+def _run(args, ranks=1, launcher=True, timeout=240, env=None) -> subprocess.CompletedProcess:
+    p = subprocess.run(_cmd(args, ranks, launcher), cwd=REPO, env=env or _env(), capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
@@ -230,6 +230,27 @@ def _eval_batches(store, world_size: int, n: int, max_tokens: int | None = 2400)
     return out
 
 
+def test_resume_with_a_longer_schedule_continues_the_lr(reference_run, demo_cache, tmp_path):
+    """--resume with a larger --max-steps says so in one line and the LR goes on from the finished run's floor
+    (it used to jump back up the recomputed cosine)."""
+    import shutil
+
+    ref_out, _ = reference_run
+    out = str(tmp_path / "run")
+    shutil.copytree(ref_out, out, ignore=shutil.ignore_patterns("hf_model", "mlflow.db", "mlartifacts"))
+    longer = [a if a != str(STEPS) else str(STEPS + 6) for a in COMMON]
+    p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out, *longer,
+              "--resume", "--no-export", "--mlflow-tracking-uri", "none"], launcher=False)
+    notes = [ln for ln in p.stdout.splitlines() if "LR schedule changed on resume" in ln]
+    assert len(notes) == 1 and f"max_steps {STEPS} → {STEPS + 6}" in notes[0], p.stdout
+    lr = {x["step"]: x["lr"] for x in _metrics(out)}
+    assert sorted(lr) == list(range(1, STEPS + 7))
+    floor = 0.1 * 5e-3
+    assert all(lr[s] == pytest.approx(floor, rel=1e-6) for s in range(STEPS, STEPS + 7)), lr
+    state = json.load(open(os.path.join(out, "checkpoints", f"global_step{STEPS + 6}", "trainer_state.json")))
+    assert [seg["max_steps"] for seg in state["schedule"]] == [STEPS, STEPS + 6]
+
+
 def test_export_reloads_offline_in_a_fresh_process_with_identical_outputs(reference_run, demo_cache, tmp_path):
     from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForMaskedLM
     from grnformer_ds.training.engine import consolidate_fp32
@@ -271,10 +292,16 @@ def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_p
     """2 CPU ranks via `deepspeed --num_gpus 2`; launchers/export_hf.py consolidates the world-size-2 ZeRO-3
     checkpoint; the exported model's held-out loss equals the run's own final eval loss (bf16 run, fp32 export)."""
     out = str(tmp_path / "run")
+    env = _env()
+    del env["OMP_NUM_THREADS"]  # the thread default of CPU ranks: the cores shared by the node's two ranks
     p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
               "--max-steps", "6", "--eval-every", "6", "--save-every", "6", "--no-progress", "--no-export",
-              "--mlflow-tracking-uri", "none", "--max-tokens", "3000"], ranks=2)
+              "--mlflow-tracking-uri", "none", "--max-tokens", "3000"], ranks=2, env=env)
     assert "2 rank(s)" in p.stdout and "packed micro-batches of <= 3000 tokens" in p.stdout
+    cores = len(os.sched_getaffinity(0))
+    threads = [ln for ln in p.stdout.splitlines() if ln.startswith("threads:")]
+    assert len(threads) == 1 and f"({cores} cores" in threads[0] and "2 ranks on this node" in threads[0], p.stdout
+    assert threads[0].startswith(f"threads: {max(1, cores // 2)} per rank") or "busy with other work" in threads[0]
     m = _metrics(out)
     assert [x["step"] for x in m] == list(range(1, 7))
     state = json.load(open(os.path.join(out, "checkpoints", "global_step6", "trainer_state.json")))
