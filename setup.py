@@ -29,6 +29,7 @@ EXTRAS = {
     "dev": [
         "pytest>=8",
         "pytest-timeout>=2.3",
+        "ruff>=0.6",  # lint: `ruff check .` (pyproject.toml)
         "ctxcore>=0.2",   # AUCell reference
         "setuptools<81",  # ctxcore imports pkg_resources
         "pyscenic>=0.12",  # AUCell reference (rankings)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_data_stream import N_GENES, _ds, hand_grn, make_store
 
 from grnformer_ds.data import graphs_reference
 from grnformer_ds.data.graphs import GraphBuilder, unique_per_row
 from grnformer_ds.data.graphs_reference import slot_table
 from grnformer_ds.data.perturb import perturb_edges
 from grnformer_ds.data.perturb_reference import perturb_edges as perturb_edges_reference
-from test_data_stream import N_GENES, _ds, hand_grn, make_store
 
 GENES = [f"G{j:03d}" for j in range(N_GENES)]
 
@@ -162,6 +162,7 @@ def random_grn(rng, n_genes=300, n_regulons=60, n_types=3, coexpr_degree=12):
     """Random GRN assets: several regulons per TF with overlapping targets and tied |weights| (the union's dedup and
     tie rule), cell-type GRNs with repeated edges, a random co-expression graph (one entry per (u, v))."""
     import scipy.sparse as sp
+
     from grnformer_ds.grn import GRNAssets
 
     a = GRNAssets.empty([f"g{j}" for j in range(n_genes)], [f"t{c}" for c in range(n_types)])
@@ -338,7 +339,10 @@ def assert_graphs_match(b, assets, active, column_of_token):
         for s, d, w, _ in zip(*assets.cell_edges(active[c])):
             if int(s) in slot_of and int(d) in slot_of:
                 want_cell.add((slot_of[int(s)] + i * L, slot_of[int(d)] + i * L, round(float(w), 4)))
-        in_cell = lambda e: i * L <= e[0] < (i + 1) * L
+
+        def in_cell(e):
+            return i * L <= e[0] < (i + 1) * L
+
         assert {e for e in got_ct_all if in_cell(e)} == want_ct
         assert {e for e in got_cell_all if in_cell(e)} == want_cell
 

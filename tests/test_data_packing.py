@@ -11,8 +11,7 @@ from test_data_stream import make_store  # tests/ is on sys.path (pytest rootdir
 
 from grnformer_ds.data.cells import CellRows
 from grnformer_ds.data.graph_kernels import sorted_by_destination
-from grnformer_ds.data.packing import (PackedEpochPlan, first_fit, pack_padded_batch, padding_fraction,
-                                       segment_offsets)
+from grnformer_ds.data.packing import PackedEpochPlan, first_fit, pack_padded_batch, padding_fraction, segment_offsets
 from grnformer_ds.data.scfoundation_collator import ScFoundationCollator
 from grnformer_ds.data.scgpt_collator import ScGPTCollator
 

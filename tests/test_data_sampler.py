@@ -65,5 +65,8 @@ def test_lanes_give_workers_disjoint_blocks():
     # lanes only reorder batches: same cells per epoch
     p4 = EpochPlan(0, 1000, batch_size=10, seed=0, epoch=0, lanes=4)
     p1 = EpochPlan(0, 1000, batch_size=10, seed=0, epoch=0, lanes=1)
-    key = lambda p: sorted(tuple(p.step_cells(s).tolist()) for s in range(p.n_steps))
+
+    def key(p):
+        return sorted(tuple(p.step_cells(s).tolist()) for s in range(p.n_steps))
+
     assert key(p4) == key(p1) and p4.step_cells(1).tolist() != p1.step_cells(1).tolist()

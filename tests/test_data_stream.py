@@ -383,11 +383,11 @@ def _wire_batch(n_cells, n_edges, seed):
 
 
 def test_slot_ring_round_trip_reuse_and_ownership():
-    """Workers send batches through a ring of reusable shared-memory slots (worker_transport.py). Unpacked, a batch equals the
-    worker's dict key for key, in order, with the same dtypes and shapes (int64 travels as int32 when it fits, `batch`
-    is rebuilt from `ptr`); a busy slot is never overwritten (a one-off buffer is used instead); a slot is reused once
-    the main process copied it out, and grows (re-announced) for a larger batch; the consumer's batch is its own
-    (refilling the slot does not change it) and its keys are non-overlapping views of one storage."""
+    """Workers send batches through a ring of reusable shared-memory slots (worker_transport.py). Unpacked, a batch
+    equals the worker's dict key for key, in order, with the same dtypes and shapes (int64 travels as int32 when it
+    fits, `batch` is rebuilt from `ptr`); a busy slot is never overwritten (a one-off buffer is used instead); a slot is
+    reused once the main process copied it out, and grows (re-announced) for a larger batch; the consumer's batch is its
+    own (refilling the slot does not change it) and its keys are non-overlapping views of one storage."""
     import pickle
     from multiprocessing.reduction import ForkingPickler
 

@@ -9,8 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from grnformer_ds.data.binning import (bin_batch, bin_batch_numpy, bin_nonzero, normalize_log1p,
-                                       normalize_log1p_batch)
+from grnformer_ds.data.binning import bin_batch, bin_batch_numpy, bin_nonzero, normalize_log1p, normalize_log1p_batch
 from grnformer_ds.data.binning_kernels import TIE_TABLE_SIZE, bin_rows
 from grnformer_ds.data.cells import CellRows
 from grnformer_ds.data.masking import DROPPED, KEPT, MASKED, draw_partition, partition_numpy

@@ -8,8 +8,15 @@ import scipy.sparse as sp
 import zarr
 
 from grnformer_ds.errors import UserInputError
-from grnformer_ds.grn import (GRNAssets, pack_active, read_grn_assets, read_shard_active_regulons, unpack_active,
-                              write_grn_assets, write_shard_regulon_activity)
+from grnformer_ds.grn import (
+    GRNAssets,
+    pack_active,
+    read_grn_assets,
+    read_shard_active_regulons,
+    unpack_active,
+    write_grn_assets,
+    write_shard_regulon_activity,
+)
 from grnformer_ds.grn.coexpr import topk_correlations, union_symmetric_max
 
 
@@ -100,7 +107,8 @@ def test_bitset_and_shard_obsm(tmp_path):
     np.testing.assert_array_equal(back.obsm["aucell"].to_numpy(), auc)
     np.testing.assert_array_equal(unpack_active(back.obsm["active_regulons"], 13), active)
     rows = np.array([7, 2])
-    np.testing.assert_array_equal(unpack_active(read_shard_active_regulons(tmp_path / "s.zarr", rows), 13), active[rows])
+    np.testing.assert_array_equal(unpack_active(read_shard_active_regulons(tmp_path / "s.zarr", rows), 13),
+                                  active[rows])
 
 
 def test_coexpression_topk_matches_numpy_corrcoef():

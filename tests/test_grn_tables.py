@@ -7,8 +7,7 @@ import pytest
 
 from grnformer_ds.errors import UserInputError
 from grnformer_ds.grn.network import BuildReport, build_celltype_networks, build_regulons, map_edges
-from grnformer_ds.grn.tables import (read_pyscenic_adjacencies, read_pyscenic_regulons, read_scenicplus,
-                                     read_tf_targets)
+from grnformer_ds.grn.tables import read_pyscenic_adjacencies, read_pyscenic_regulons, read_scenicplus, read_tf_targets
 from grnformer_ds.store import GeneMatcher
 
 GENES = ["SPI1", "CD14", "LYZ", "GATA1", "KLF1", "HBB", "PAX5", "CD79A", "MS4A1"]
@@ -22,7 +21,8 @@ def test_tf_targets_collectri_style_signs_and_aliases(tmp_path):
     assert t[["tf", "target"]].values.tolist() == [["SPI1", "CD14"], ["SPI1", "HBB"], ["GATA1", "SPI1"]]
     assert t["sign"].tolist() == [1, -1, -1] and t["weight"].tolist() == [1, 1, 1]
     g = tmp_path / "words.csv"
-    pd.DataFrame({"TF": ["PAX5"], "Target": ["CD79A"], "mode": ["repression"], "cell_type": ["B"]}).to_csv(g, index=False)
+    pd.DataFrame({"TF": ["PAX5"], "Target": ["CD79A"], "mode": ["repression"],
+                  "cell_type": ["B"]}).to_csv(g, index=False)
     t = read_tf_targets(g)
     assert t["sign"].tolist() == [-1] and t["cell_type"].tolist() == ["B"]
 

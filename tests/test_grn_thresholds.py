@@ -4,8 +4,7 @@ import pytest
 from scipy.stats import norm
 
 from grnformer_ds.errors import UserInputError
-from grnformer_ds.grn.thresholds import (derive_threshold, derive_thresholds, gmm_intersection,
-                                         parse_threshold_overrides)
+from grnformer_ds.grn.thresholds import derive_threshold, derive_thresholds, gmm_intersection, parse_threshold_overrides
 
 
 def test_gmm_intersection_analytic():

@@ -38,10 +38,14 @@ def _mask(bsz, seqlen, lengths):
 def _copy_mha(ours: GRNFormerAttention, ref: nn.MultiheadAttention):
     h = ours.q_proj.weight.shape[0]
     with torch.no_grad():
-        ours.q_proj.weight.copy_(ref.in_proj_weight[:h]); ours.q_proj.bias.copy_(ref.in_proj_bias[:h])
-        ours.k_proj.weight.copy_(ref.in_proj_weight[h:2 * h]); ours.k_proj.bias.copy_(ref.in_proj_bias[h:2 * h])
-        ours.v_proj.weight.copy_(ref.in_proj_weight[2 * h:]); ours.v_proj.bias.copy_(ref.in_proj_bias[2 * h:])
-        ours.o_proj.weight.copy_(ref.out_proj.weight); ours.o_proj.bias.copy_(ref.out_proj.bias)
+        ours.q_proj.weight.copy_(ref.in_proj_weight[:h])
+        ours.q_proj.bias.copy_(ref.in_proj_bias[:h])
+        ours.k_proj.weight.copy_(ref.in_proj_weight[h:2 * h])
+        ours.k_proj.bias.copy_(ref.in_proj_bias[h:2 * h])
+        ours.v_proj.weight.copy_(ref.in_proj_weight[2 * h:])
+        ours.v_proj.bias.copy_(ref.in_proj_bias[2 * h:])
+        ours.o_proj.weight.copy_(ref.out_proj.weight)
+        ours.o_proj.bias.copy_(ref.out_proj.bias)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -145,7 +149,8 @@ def test_autodiscretization_formula():
     """scFoundation: softmax(alpha*h + W2 h), h = LeakyReLU_0.1(W1 x); weighted bin sum; mask/pad embeddings."""
     torch.manual_seed(0)
     enc = AutoDiscretizationEncoder(6, num_bins=5, alpha=0.7, mask_value=-1.0, pad_value=-2.0)
-    nn.init.normal_(enc.mask_embedding); nn.init.normal_(enc.pad_embedding)
+    nn.init.normal_(enc.mask_embedding)
+    nn.init.normal_(enc.pad_embedding)
     x = torch.tensor([[0.0, 1.5, -1.0, -2.0]])
     h = nn.functional.leaky_relu(x.unsqueeze(-1) * enc.mlp1.weight.T + enc.mlp1.bias, 0.1)
     w = torch.softmax(0.7 * h + h @ enc.mlp2.weight.T + enc.mlp2.bias, dim=-1)

@@ -111,8 +111,8 @@ def test_dummy_padding_segments_change_nothing(backbone):
     for key, value in fill.items():
         if packed[key].shape == packed["input_ids"].shape:
             dummy[key] = torch.cat([packed[key], torch.full((1, extra), value, dtype=packed[key].dtype)], dim=1)
-    dummy.update(cu_seq_lens_q=torch.from_numpy(cu.astype(np.int32)), cu_seq_lens_k=torch.from_numpy(cu.astype(np.int32)),
-                 max_length_q=14, max_length_k=14)
+    dummy.update(cu_seq_lens_q=torch.from_numpy(cu.astype(np.int32)),
+                 cu_seq_lens_k=torch.from_numpy(cu.astype(np.int32)), max_length_q=14, max_length_k=14)
     assert len(cu) > len(packed["cu_seq_lens_q"]) + 1  # more than one dummy segment
     ref, ref_grads = _run(model, packed)
     got, got_grads = _run(model, dummy)

@@ -15,8 +15,7 @@ import scipy.sparse as sp
 sys.path.insert(0, str(Path(__file__).parent))
 from store_fixtures import make_counts, store_rows_by_name, write_h5ad  # noqa: E402
 
-from grnformer_ds.store import build_store  # noqa: E402
-from grnformer_ds.store import direct  # noqa: E402
+from grnformer_ds.store import build_store, direct  # noqa: E402
 from grnformer_ds.store.h5ad_reader import H5adSource  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part"),

@@ -1,4 +1,5 @@
-"""Streaming layer: store -> tokenized, masked batches with per-cell multi-scale graphs (docs/design.md sections 1-3)."""
+"""Streaming layer: store -> tokenized, masked batches with per-cell multi-scale graphs
+(docs/design.md sections 1-3)."""
 from .cells import CellRows
 from .dataset import StatefulCellLoader, StreamingCellDataset, split_range
 from .graphs import GraphBuilder

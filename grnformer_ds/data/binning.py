@@ -112,9 +112,9 @@ def normalize_log1p_batch(indptr: np.ndarray, counts: np.ndarray,
                           target_sum: float = DEFAULT_TARGET_SUM) -> tuple[np.ndarray, float]:
     """`normalize_log1p` of every row of a CSR batch, bit for bit the per-row results.
 
-    indptr: (B+1,) int64 starting at 0; counts: (nnz,) float32. Returns ((nnz,) float32 values, largest count or inf when the
-    counts are not all positive integers). Raw counts take one kernel pass (exact row sums, see `row_scales`) and one
-    batch-wide ``np.log1p`` (numpy's, the reference); other data the per-row numpy path.
+    indptr: (B+1,) int64 starting at 0; counts: (nnz,) float32. Returns ((nnz,) float32 values, largest count or inf
+    when the counts are not all positive integers). Raw counts take one kernel pass (exact row sums, see `row_scales`)
+    and one batch-wide ``np.log1p`` (numpy's, the reference); other data the per-row numpy path.
     """
     counts = np.ascontiguousarray(counts, dtype=np.float32)
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
@@ -132,10 +132,10 @@ def bin_batch(indptr: np.ndarray, counts: np.ndarray, n_bins: int, uniforms: np.
               target_sum: float = DEFAULT_TARGET_SUM, edges_out: np.ndarray | None = None) -> np.ndarray:
     """`normalize_log1p` + `bin_nonzero` of every row of a CSR batch at once, bit for bit the per-row results.
 
-    indptr: (B+1,) int64 starting at 0; counts: (nnz,) float32 nonzero raw counts; uniforms: (nnz,) as the per-row calls would get
-    them (row after row). edges_out: optional (B, n_bins - 1) float64 that receives each row's quantile edges
-    (tests). Normalisation in `normalize_log1p_batch`, binning in the `binning_kernels.bin_rows` kernel (per-count
-    tie path for raw counts). Returns (nnz,) int64 bins.
+    indptr: (B+1,) int64 starting at 0; counts: (nnz,) float32 nonzero raw counts; uniforms: (nnz,) as the per-row calls
+    would get them (row after row). edges_out: optional (B, n_bins - 1) float64 that receives each row's quantile edges
+    (tests). Normalisation in `normalize_log1p_batch`, binning in the `binning_kernels.bin_rows` kernel (per-count tie
+    path for raw counts). Returns (nnz,) int64 bins.
     """
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     # the kernels index without bounds checks

@@ -346,8 +346,8 @@ class StatefulCellLoader:
     with several workers (the dataset object in the main process never sees the workers' batches).
 
     ``state_dict()`` after consuming k batches resumes at batch k+1 even though workers have prefetched further.
-    With workers, batches come through a ring of reusable shared-memory slots per worker (`worker_transport`) and are copied
-    out, into pinned memory with ``pin_memory`` (in place of the DataLoader's pin-memory thread), before they are
+    With workers, batches come through a ring of reusable shared-memory slots per worker (`worker_transport`) and are
+    copied out, into pinned memory with ``pin_memory`` (in place of the DataLoader's pin-memory thread), before they are
     yielded: the consumer owns every batch it gets.
     """
 

@@ -19,7 +19,6 @@ import numba
 import numpy as np
 
 
-
 @numba.njit(cache=True, nogil=True)
 def _fill_slots(genes, slot, value):
     """slot[g] = l (value=True) or -1 (value=False) for the gene tokens ``genes`` (L,) of one cell."""

@@ -15,15 +15,16 @@ encoder's final form: made undirected (when ``undirected``, with `torch_geometri
 and sorted by destination, so the encoder skips its own ``to_undirected`` and can aggregate over CSR rows.
 
 The work is done by numba kernels that walk the cells of a batch once each (``graph_kernels.py``: cell-type
-restriction, regulon union, PyG layout; ``perturb.py``: perturbation, in place), ~4-6x faster than the vectorised numpy reference ``graphs_reference.py``, which stays the
-specification the tests compare against). The GRN is regrouped by TF once, here, for those kernels.
+restriction, regulon union, PyG layout; ``perturb.py``: perturbation, in place), ~4-6x faster than the vectorised numpy
+reference ``graphs_reference.py``, which stays the specification the tests compare against). The GRN is regrouped by TF
+once, here, for those kernels.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .graph_kernels import celltype_graph, cell_union, sorted_by_destination, tf_groups, to_pyg
+from .graph_kernels import cell_union, celltype_graph, sorted_by_destination, tf_groups, to_pyg
 from .perturb import batch_seed, perturb_cells
 
 

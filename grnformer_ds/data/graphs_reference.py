@@ -1,8 +1,8 @@
 """Reference (plain numpy) implementation of the graph stage: what ``graphs.GraphBuilder`` computes with numba
 kernels, kept as the specification the kernels are tested against and as a readable statement of the rules.
 
-Node ``n = b * L + l`` is token slot ``l`` of cell ``b`` (docs/design.md section 3). For every cell two graphs are built from
-the store's GRN assets (``grnformer_ds.grn.GRNAssets``, gene references = store columns):
+Node ``n = b * L + l`` is token slot ``l`` of cell ``b`` (docs/design.md section 3). For every cell two graphs are built
+from the store's GRN assets (``grnformer_ds.grn.GRNAssets``, gene references = store columns):
 
 * cell-type scale: the GRN of the cell's type, restricted to edges whose TF and target are both tokens of the cell;
 * cell scale: the union of the cell's active regulons (AUCell bitsets; an edge in several regulons is kept once, with

@@ -18,10 +18,10 @@ Which cells share a micro-batch (`PackedEpochPlan`), for one (seed, epoch) and r
    more micro-batches drops its last ones: their cells sit out this epoch, other cells in the next, since the order
    is reshuffled) or ``S = max`` without (a rank with fewer repeats its first micro-batches). ``S`` can differ by a
    few micro-batches from one epoch to the next: the lengths in each section change with the shuffle;
-5. the rank's micro-batch ``s`` is micro-batch ``s // lanes`` of run ``s % lanes`` of its section (`sampler.lane_starts`),
-   and its random draws (masking, subsetting, edge perturbation) come from ``batch_rng(seed, epoch, s * W + r)``,
-   exactly as for fixed-size batches: resuming from (epoch, micro-batches consumed) is exact with any number of
-   DataLoader workers.
+5. the rank's micro-batch ``s`` is micro-batch ``s // lanes`` of run ``s % lanes`` of its section
+   (`sampler.lane_starts`), and its random draws (masking, subsetting, edge perturbation) come from
+   ``batch_rng(seed, epoch, s * W + r)``, exactly as for fixed-size batches: resuming from (epoch, micro-batches
+   consumed) is exact with any number of DataLoader workers.
 
 A cell's token count is known before it is read: the collators' ``cell_tokens(nnz)`` (an upper bound when counts are
 down-sampled at random) of the number of stored genes of the cell, from the shards' ``X/indptr``. First-fit packing

@@ -1,11 +1,11 @@
 """scGPT-style tokenization of a batch of cells (docs/design.md section 3, ``backbone="scgpt"``).
 
 Per cell: nonzero genes -> values normalised to ``target_sum``, log1p, binned into ``n_bins`` (``binning.py``, scGPT's
-rule) -> if more than ``max_seq_len - 1`` genes, a uniformly random subset of that size (scGPT ``pad_batch`` sampling; kept in
-gene-column order) -> ``<cls>`` prepended with value 0 -> masked-value modelling -> either padded to the longest cell of
-the batch (or to ``max_seq_len`` with ``pad_to_max_len``) with ``<pad>`` / ``pad_value`` (the (B, L) layout), or, with
-``max_tokens``, packed back to back into one (1, T) row, each cell's segment starting with its ``<cls>`` (the THD layout
-of `packing`; ``pad_to_max_tokens`` pads T to exactly ``max_tokens`` with dummy segments).
+rule) -> if more than ``max_seq_len - 1`` genes, a uniformly random subset of that size (scGPT ``pad_batch`` sampling;
+kept in gene-column order) -> ``<cls>`` prepended with value 0 -> masked-value modelling -> either padded to the longest
+cell of the batch (or to ``max_seq_len`` with ``pad_to_max_len``) with ``<pad>`` / ``pad_value`` (the (B, L) layout),
+or, with ``max_tokens``, packed back to back into one (1, T) row, each cell's segment starting with its ``<cls>`` (the
+THD layout of `packing`; ``pad_to_max_tokens`` pads T to exactly ``max_tokens`` with dummy segments).
 
 Random draws, in this order from the caller's generator: ``rng.random(nnz)`` tie-breaking uniforms (binning), then
 one ``rng.random`` for the subset + mask partition of all cells (``masking.draw_partition``). The work is batch-wide:
@@ -107,7 +107,8 @@ class ScGPTCollator:
                 "cell_type_ids": torch.from_numpy(np.asarray(rows.cell_type, dtype=np.int64))}
         if self.max_tokens is not None:
             end = int(segments[n_cells])
-            input_ids[end:], values[end:], labels[end:], slot_genes[end:] = self.pad_id, self.pad_value, IGNORE_INDEX, -1
+            input_ids[end:], values[end:], labels[end:], slot_genes[end:] = (self.pad_id, self.pad_value,
+                                                                             IGNORE_INDEX, -1)
             batch = {"input_ids": torch.from_numpy(input_ids)[None], "values": torch.from_numpy(values)[None],
                      "labels": torch.from_numpy(labels)[None], **packed_keys(segments), **meta}
             return batch, slot_genes

@@ -10,8 +10,8 @@ So each worker (`BatchSender`) keeps ``n_slots`` shared uint8 buffers, reused, a
 batch into a free slot in its wire form (int64 tensors whose values fit travel as int32; PyG's node ``batch`` vector,
 a quarter of the bytes, is dropped when ``ptr`` rebuilds it) and sends a small `SlotMessage`: the slot's storage and
 the flags travel (as file descriptors) only the first time they are used; a batch's plain Python values (the packed
-layout's ``max_length_q`` / ``max_length_k`` ints) ride in the message itself. The main process (`BatchReceiver`, one per
-loader iteration) maps each slot once, copies the batch out into one fresh buffer in its final dtypes (pinned when
+layout's ``max_length_q`` / ``max_length_k`` ints) ride in the message itself. The main process (`BatchReceiver`, one
+per loader iteration) maps each slot once, copies the batch out into one fresh buffer in its final dtypes (pinned when
 asked: this replaces the DataLoader's pin-memory thread), and clears the slot's flag. The consumer therefore owns its
 batch outright: it may keep it for as long as it likes while the worker refills the slot.
 

@@ -1,4 +1,5 @@
-"""GRN assets in the store: `STORE/grn/` (zarr v3 group of plain arrays) and per-shard `obsm` (docs/design.md section 2).
+"""GRN assets in the store: `STORE/grn/` (zarr v3 group of plain arrays) and per-shard `obsm` (docs/design.md
+section 2).
 
 Everything refers to genes by **store gene column** `j ∈ [0, G)`, never by token id.
 
@@ -100,7 +101,8 @@ class GRNAssets:
     def celltype_edges(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(src, dst, weight, sign) of cell type `c`'s GRN (store gene columns, TF → target)."""
         lo, hi = int(self.celltype_indptr[c]), int(self.celltype_indptr[c + 1])
-        return self.celltype_src[lo:hi], self.celltype_dst[lo:hi], self.celltype_weight[lo:hi], self.celltype_sign[lo:hi]
+        return (self.celltype_src[lo:hi], self.celltype_dst[lo:hi], self.celltype_weight[lo:hi],
+                self.celltype_sign[lo:hi])
 
     def cell_edges(self, active: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Cell-specific GRN: union of the edges of the active regulons.
@@ -139,7 +141,8 @@ class GRNAssets:
         _check(self.tf_mask.shape == (n_genes,), "tf_mask must have shape (G,)")
         _check(self.regulon_tf.shape == (n_reg,), "regulon_tf must have shape (R,)")
         _check_csr(self.regulon_indptr, n_reg, len(self.regulon_target), "regulons")
-        _check(len(self.regulon_weight) == len(self.regulon_sign) == len(self.regulon_target), "regulon edge arrays differ in length")
+        _check(len(self.regulon_weight) == len(self.regulon_sign) == len(self.regulon_target),
+               "regulon edge arrays differ in length")
         _check_csr(self.celltype_indptr, n_types, len(self.celltype_src), "celltype")
         _check(len(self.celltype_dst) == len(self.celltype_weight) == len(self.celltype_sign) == len(self.celltype_src),
                "celltype edge arrays differ in length")

@@ -251,7 +251,8 @@ def build_grn(store, options: GRNBuildOptions | None = None, *, log: Callable[[s
     log(format_summary(summary))
     info = {
         "sources": sources,
-        "options": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in dataclasses.asdict(options).items()},
+        "options": {k: (list(v) if isinstance(v, (tuple, list)) else v)
+                    for k, v in dataclasses.asdict(options).items()},
         "n_regulons": assets.n_regulons, "n_tfs": int(tf_mask.sum()),
         "report": report.as_dict(), "summary": summary, "cell_specific": cell_stats,
         "coexpr": {"n_links": int(len(assets.coexpr_indices)), "top_k": options.coexpr_top_k,

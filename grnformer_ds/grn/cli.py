@@ -27,11 +27,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--builtin-prior", action="store_true",
                    help="human Pathway Commons prior shipped by priori-regulon-enrichment")
     g.add_argument("--tf-list", help="one TF per line; restricts regulators and marks TFs")
-    g.add_argument("--match-by", choices=("symbol", "gene_id"), default="symbol", help="how table genes map to the store")
+    g.add_argument("--match-by", choices=("symbol", "gene_id"), default="symbol",
+                   help="how table genes map to the store")
     g = p.add_argument_group("--infer (RNA-only cell-type GRNs)")
     g.add_argument("--infer", action="store_true", help="filter the prior per cell type by the store's expression")
     g.add_argument("--infer-method", choices=("correlation", "grnboost2"), default="correlation")
-    g.add_argument("--min-expr-frac", type=float, default=0.05, help="TF and target expressed in this fraction of cells")
+    g.add_argument("--min-expr-frac", type=float, default=0.05,
+                   help="TF and target expressed in this fraction of cells")
     g.add_argument("--min-abs-corr", type=float, default=0.1, help="|Pearson r| of TF and target, log1p-normalised")
     g.add_argument("--grnboost-top-targets", type=int, default=50, help="targets kept per TF (grnboost2)")
     g.add_argument("--max-cells-per-type", type=int, default=5000, help="cells sampled per cell type (infer/coexpr)")

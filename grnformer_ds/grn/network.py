@@ -141,7 +141,8 @@ def build_regulons(edges: pd.DataFrame, genes: Sequence[str], report: BuildRepor
     sizes = groups.size()
     small = sizes[sizes < min_regulon_size]
     report.warn("regulons_too_small", len(small), f"{len(small)} regulons have fewer than {min_regulon_size} targets "
-                f"(--min-regulon-size) and are dropped ({_examples([f'{t}({chr(45) if n else chr(43)})' for t, n in small.index])})")
+                "(--min-regulon-size) and are dropped "
+                f"({_examples([f'{t}({chr(45) if n else chr(43)})' for t, n in small.index])})")
     big = sizes[sizes >= min_regulon_size]
     if big.empty:
         raise UserInputError(f"no regulon has at least {min_regulon_size} targets in the store (largest: "

@@ -39,7 +39,8 @@ def load_builtin_prior() -> pd.DataFrame:
     frame = pd.read_pickle(path)
     if not isinstance(frame, pd.DataFrame) or not {"UpGene", "DownGene"} <= set(frame.columns):
         raise UserInputError("unexpected content (expected columns UpGene, DownGene)", path=str(path))
-    out = pd.DataFrame({"tf": frame["UpGene"].astype(str).str.strip(), "target": frame["DownGene"].astype(str).str.strip(),
+    out = pd.DataFrame({"tf": frame["UpGene"].astype(str).str.strip(),
+                        "target": frame["DownGene"].astype(str).str.strip(),
                         "weight": np.ones(len(frame)), "sign": np.ones(len(frame), np.int8), "cell_type": None})
     out.attrs.update(source=BUILTIN_PRIOR, n_rows_missing_name=0)
     return out

@@ -1,7 +1,7 @@
 """Read what the GRN builder needs from a store: genes, cell types, and X in bounded row blocks.
 
-X of a shard is anndata's `csr_matrix` encoding (docs/design.md section 1); a block of rows is read by slicing `X/indptr`
-and then only that range of `X/data` / `X/indices` from zarr, so memory is one block whatever the shard size.
+X of a shard is anndata's `csr_matrix` encoding (docs/design.md section 1); a block of rows is read by slicing
+`X/indptr` and then only that range of `X/data` / `X/indices` from zarr, so memory is one block whatever the shard size.
 """
 from __future__ import annotations
 

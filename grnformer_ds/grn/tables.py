@@ -15,8 +15,11 @@ Column names are matched case-insensitively with these aliases:
 | TF | source, tf, regulator | TF | TF |
 | target | target, gene | Gene | target |
 | weight | weight, mor, importance, score, likelihood | importance_TF2G, TF2G_importance | importance |
-| sign | sign, regulation, mode, mor (if ±1), else the sign of weight | regulation, TF2G_regulation, else sign of rho_TF2G / TF2G_rho, else the TF2G sign in eRegulon_name (`_+/+_`) | none: +1 |
+| sign | sign, regulation, mode, mor (if ±1), else the sign of weight | see (1) | none: +1 |
 | cell type | cell_type, celltype | cell_type, celltype | cell_type, celltype |
+
+(1) `--scenicplus` sign: regulation, TF2G_regulation, else sign of rho_TF2G / TF2G_rho, else the TF2G sign in
+eRegulon_name (`_+/+_`).
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def read_delimited(path: str | Path, **kwargs) -> pd.DataFrame:
     return frame
 
 
-def find_column(frame: pd.DataFrame, aliases: Sequence[str], *, path: str, what: str, required: bool = True) -> str | None:
+def find_column(frame: pd.DataFrame, aliases: Sequence[str], *, path: str, what: str,
+                required: bool = True) -> str | None:
     """The column of `frame` whose lower-cased name is one of `aliases` (first alias wins)."""
     lower = {str(c).strip().lower(): c for c in frame.columns}
     for alias in aliases:
@@ -176,8 +180,8 @@ def read_scenicplus(path: str | Path) -> pd.DataFrame:
     elif name_col:
         match = frame[name_col].astype(str).str.extract(_EREGULON_SIGN)
         if match[0].isna().any():
-            raise UserInputError(f"cannot read the TF→gene sign from {name_col!r} (expected e.g. SPI1_direct_+/+_(12r))",
-                                 path=path)
+            raise UserInputError(f"cannot read the TF→gene sign from {name_col!r} "
+                                 "(expected e.g. SPI1_direct_+/+_(12r))", path=path)
         sign = np.where(match[0] == "-", -1, 1).astype(np.int8)
     else:
         raise UserInputError("missing the sign of TF→gene links (regulation, rho_TF2G or eRegulon_name column)",

@@ -10,10 +10,6 @@ Public API:
 """
 import warnings as _warnings
 
-# Shards carry zarr's consolidated metadata (one read to open a shard); zarr warns on every write and open that
-# it is not part of the v3 spec yet. anndata and zarr-python read it; tensorstore ignores it.
-_warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-
 from .builder import build_store, run_stage
 from .demo import build_demo_store, ensure_demo_store
 from .manifest import read_manifest, update_manifest_assets, write_manifest
@@ -21,6 +17,10 @@ from .options import BuildOptions
 from .schema import SCHEMA_VERSION, SPECIAL_TOKENS
 from .store import Store, open_store
 from .vocab import GeneMatcher, build_union_vocab, load_vocab, normalize_gene_key, normalize_gene_keys
+
+# Shards carry zarr's consolidated metadata (one read to open a shard); zarr warns on every write and open that
+# it is not part of the v3 spec yet. anndata and zarr-python read it; tensorstore ignores it.
+_warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 
 __all__ = [
     "build_store", "run_stage", "build_demo_store", "ensure_demo_store", "read_manifest", "update_manifest_assets",

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import UserInputError
 from .finalize import check_mapping, finalize_store, mapping_report
-from .kernels import set_default_threads
 from .gather import missing_units, run_gather_shard, shard_done, shard_layout
+from .kernels import set_default_threads
 from .manifest import read_manifest
 from .memory import trim_heap
 from .options import BuildOptions
@@ -277,7 +277,8 @@ def build_store(inputs: list[str] | str, out: str | Path, **options) -> "Store":
 
     Options are `BuildOptions` fields: layer, use_raw, gene_vocab, gene_id_column, cell_type_key, shard_size,
     seed, allow_non_integer, min_mapped_fraction, overwrite, workers, progress; plus verify_data (finalize decodes
-    every X chunk: crc32c and column bounds). Raises UserInputError for bad input; the store is then not marked complete.
+    every X chunk: crc32c and column bounds). Raises UserInputError for bad input; the store is then not marked
+    complete.
     """
     from .store import open_store
 

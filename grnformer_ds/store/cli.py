@@ -15,8 +15,8 @@ EPILOG = """examples:
   build_store.py --demo --out demo_store
   build_store.py --out store a.h5ad b.h5ad --cell-type-key cell_type --workers 8
   build_store.py --out store --gene-vocab scgpt_vocab.json --gene-id-column gene_ids data/*.h5ad
-job array (see docs/data_prep.md): --stage plan; --stage scatter / gather --num-shards K --shard-index $SLURM_ARRAY_TASK_ID;
-  --finalize
+job array (see docs/data_prep.md): --stage plan; --stage scatter / gather --num-shards K
+  --shard-index $SLURM_ARRAY_TASK_ID; --finalize
 """
 
 

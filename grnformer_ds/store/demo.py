@@ -14,7 +14,8 @@ DEMO_CELL_TYPE_KEY = "bulk_labels"
 
 
 def pbmc68k_counts():
-    """pbmc68k_reduced with integer counts in X (700 × 765, CSR float32) and its obs/var; the scanpy copy is unchanged."""
+    """pbmc68k_reduced with integer counts in X (700 × 765, CSR float32) and its obs/var; the scanpy copy is
+    unchanged."""
     import anndata as ad
     import scanpy as sc
     import scipy.sparse as sp

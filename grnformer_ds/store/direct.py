@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import HAVE_NUMBA, FLAG_NEGATIVE, FLAG_NONFINITE, FLAG_NONINTEGER, \
-    FLAG_OVER_U16
+from .kernels import FLAG_NEGATIVE, FLAG_NONFINITE, FLAG_NONINTEGER, FLAG_OVER_U16, HAVE_NUMBA
 
 _VALUE_KINDS = {np.dtype(t) for t in (np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8,
                                       np.uint16, np.uint32, np.uint64)}

@@ -15,13 +15,13 @@ import pandas as pd
 
 from ..errors import UserInputError
 from .atomic import atomic_write_json
-from .plan import Plan, source_names
 from .direct import OpenedSource, direct_source
 from .h5ad_reader import H5adSource
 from .kernels import put_rows, run_tasks
+from .plan import Plan, source_names
 from .scatter import CELL_DTYPE, UNIT_LAYOUT, load_unit_stats, unit_dir, unit_done
-from .spill import read_range, spill_dtype
 from .schema import X_INDICES_DTYPE, shard_relpath, work_path
+from .spill import read_range, spill_dtype
 from .writer import CsrArrays, ShardWriter, shard_checksum
 
 

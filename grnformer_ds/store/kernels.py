@@ -216,8 +216,8 @@ def emit_block(m: sp.csr_matrix, cmap: np.ndarray, rows: np.ndarray, row_len: np
     out_indices = np.empty(nnz, dtype=index_dtype)
     out_data = np.empty(nnz, dtype=value_dtype)
     if HAVE_NUMBA:
-        _run_split(_emit_block, np.ascontiguousarray(rows, dtype=np.int64), out_indptr, (m.indptr, m.indices, m.data, cmap),
-                   (out_indices, out_data, n_cols, monotone))
+        _run_split(_emit_block, np.ascontiguousarray(rows, dtype=np.int64), out_indptr,
+                   (m.indptr, m.indices, m.data, cmap), (out_indices, out_data, n_cols, monotone))
         return out_indptr, out_indices, out_data
     ip, ind, dat = scipy_map_block(m, cmap, rows, n_cols)
     return ip, ind.astype(index_dtype), dat.astype(value_dtype)

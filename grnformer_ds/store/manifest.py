@@ -57,7 +57,8 @@ def write_manifest(store: str | Path, manifest: Mapping[str, Any]) -> None:
 
 
 def update_manifest_assets(store: str | Path, name: str, asset: Mapping[str, Any]) -> dict[str, Any]:
-    """Record a later step's asset (e.g. ``"grn"``) under ``manifest["assets"][name]``, atomically; returns the manifest.
+    """Record a later step's asset (e.g. ``"grn"``) under ``manifest["assets"][name]``, atomically; returns the
+    manifest.
 
     The store must already be complete. Last writer wins for concurrent updates of different names, so run the
     asset builders one after another.

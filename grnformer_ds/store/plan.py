@@ -22,7 +22,12 @@ from .h5ad_reader import H5adSource
 from .options import BuildOptions
 from .schema import SPECIAL_TOKENS, work_path
 from .vocab import (
-    build_union_vocab, check_unique_genes, complete_vocab, load_vocab, normalize_gene_keys, vocab_genes,
+    build_union_vocab,
+    check_unique_genes,
+    complete_vocab,
+    load_vocab,
+    normalize_gene_keys,
+    vocab_genes,
 )
 
 PLAN_VERSION = 1

@@ -19,7 +19,7 @@ from ..errors import UserInputError
 from .atomic import replace_dir, tmp_suffix
 from .direct import OpenedSource, direct_source
 from .h5ad_reader import H5adSource
-from .kernels import FLAG_NONFINITE, FLAG_NEGATIVE, FLAG_NONINTEGER, FLAG_OVER_U16, count_block, emit_block
+from .kernels import FLAG_NEGATIVE, FLAG_NONFINITE, FLAG_NONINTEGER, FLAG_OVER_U16, count_block, emit_block
 from .plan import Plan, source_names
 from .schema import work_path
 

@@ -51,7 +51,8 @@ def check_unique_genes(keys: Sequence[str], source: str, what: str = "gene names
 
 
 def build_union_vocab(gene_key_lists: Iterable[Iterable[str]]) -> dict[str, int]:
-    """Default vocabulary: ``<pad>``, ``<cls>``, ``<eoc>`` = 0, 1, 2, then every gene key of any input, sorted, 3…G+2."""
+    """Default vocabulary: ``<pad>``, ``<cls>``, ``<eoc>`` = 0, 1, 2, then every gene key of any input, sorted,
+    3…G+2."""
     genes = sorted({k for keys in gene_key_lists for k in keys if k} - set(SPECIAL_TOKENS))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab.update({g: i + len(SPECIAL_TOKENS) for i, g in enumerate(genes)})
@@ -67,7 +68,8 @@ def load_vocab(path: str | Path) -> dict[str, int]:
     vocab: dict[str, int] = {}
     for tok, idx in raw.items():
         if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-            raise UserInputError(f"vocabulary id of {tok!r} is {idx!r}, expected a non-negative integer", path=str(path))
+            raise UserInputError(f"vocabulary id of {tok!r} is {idx!r}, expected a non-negative integer",
+                                 path=str(path))
         vocab[str(tok)] = idx
     ids = Counter(vocab.values())
     dup = [i for i, c in ids.items() if c > 1]

@@ -7,8 +7,8 @@ the model (its HF `_no_split_modules`: encoder / decoder layers, the fusion adap
 (engine.py), so the parameter fetch / release hooks run at the block boundary, outside the compiled code: compiling
 the whole module instead (DeepSpeed's `engine.compile()`) puts a ZeRO hook, a graph break and a recompile at every
 Linear (many times slower than eager on the CPU demo run, BENCHMARKS.md). Identical layers share one compiled
-graph, so compile time does not grow with depth. With `"compile": {"deepcompile": true}` in the JSON, `engine.compile()` hands
-the whole graph to DeepCompile's ZeRO passes instead (`compile_engine`; GPU only).
+graph, so compile time does not grow with depth. With `"compile": {"deepcompile": true}` in the JSON,
+`engine.compile()` hands the whole graph to DeepCompile's ZeRO passes instead (`compile_engine`; GPU only).
 
 The packed forward has no graph break at all (tests/test_model_compile.py asserts it for the whole model with
 `torch._dynamo.explain`). The blocks compile with dynamic shapes, so what varies from one micro-batch to the next

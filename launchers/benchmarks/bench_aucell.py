@@ -111,7 +111,8 @@ def child_check(a) -> dict:
     from ctxcore.genesig import GeneSignature
     from pyscenic.aucell import aucell
 
-    from grnformer_ds.grn.aucell import RegulonMatrix, aucell as ours
+    from grnformer_ds.grn.aucell import RegulonMatrix
+    from grnformer_ds.grn.aucell import aucell as ours
 
     indptr, members = synthetic_regulons(a.genes, a.regulons, a.seed)
     genes = [f"g{i}" for i in range(a.genes)]

@@ -187,7 +187,8 @@ def main() -> int:
                 rows.append(run_tool(tool, workers, n, nnz, files, inp, work, args, env, scdl_bin))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n| tool | cells | nnz | workers | wall s | cells/s | peak RSS GB | output GB |\n|---|---|---|---|---|---|---|---|")
+    print("\n| tool | cells | nnz | workers | wall s | cells/s | peak RSS GB | output GB |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tool']} | {r['cells']:,} | {r['nnz']:,} | {r['workers']} | {r['wall_s']} | {r['cells_per_s']:,} "
               f"| {r['peak_rss_gb']} | {r['output_gb']} |")

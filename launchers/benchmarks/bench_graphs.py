@@ -76,7 +76,10 @@ def main():
     from grnformer_ds.data.perturb import perturb_cells
 
     ct_args, reg_args = gb._celltype, gb._regulons
-    union = lambda b: K.cell_union(b["sg"], b["bits"], *reg_args, a.n_genes)
+
+    def union(b):
+        return K.cell_union(b["sg"], b["bits"], *reg_args, a.n_genes)
+
     for b in batches:
         b["new_union"] = union(b)
 

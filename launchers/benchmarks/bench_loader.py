@@ -286,10 +286,9 @@ class _Soma(torch.utils.data.IterableDataset):
         self.uri, self.batch_size, self.seed, self.post = str(uri), batch_size, seed, post
 
     def __iter__(self):
+        import scipy.sparse as sp
         import tiledbsoma
         from tiledbsoma_ml import ExperimentDataset
-
-        import scipy.sparse as sp
 
         # tiledbsoma-ml refuses sparse batches inside DataLoader workers (torch cannot share sparse tensors): there
         # it yields dense (B, G) arrays, turned into CSR here as a user would

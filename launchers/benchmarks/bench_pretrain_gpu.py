@@ -250,8 +250,14 @@ def loader(run: Run, store_path, config, info, num_workers: int):
 def run_one(run: Run, args, stores: dict, info) -> dict:
     from grnformer_ds.modeling import GRNFormerForMaskedLM
     from grnformer_ds.training.compile import compile_blocks, compile_engine
-    from grnformer_ds.training.throughput import (BatchCounts, batch_counts, flops_profile, masked_positions,
-                                                  peak_flops, train_flops)
+    from grnformer_ds.training.throughput import (
+        BatchCounts,
+        batch_counts,
+        flops_profile,
+        masked_positions,
+        peak_flops,
+        train_flops,
+    )
 
     device, cuda = info.device, info.device.type == "cuda"
     store_path = stores[run.data]
@@ -275,8 +281,8 @@ def run_one(run: Run, args, stores: dict, info) -> dict:
         raw["zero_optimization"].update(run.zero)
         r = resolve_ds_config(raw, s, info.world_size, cfg_path, has_gpu=cuda)
         engine = E.build_engine(model, r, 1e-4, 0.01, (0.9, 0.999), 1e-8,
-                                lambda o: build_scheduler(o, LRSchedule.warmup_cosine(1e-4, 10, 10**6, 0.1)), has_gpu=cuda,
-                                leaf_blocks=run.leaf_blocks)
+                                lambda o: build_scheduler(o, LRSchedule.warmup_cosine(1e-4, 10, 10**6, 0.1)),
+                                has_gpu=cuda, leaf_blocks=run.leaf_blocks)
         prepare = compile_engine(engine) if run.compile else None
         fwd = engine
 
@@ -344,7 +350,8 @@ def run_one(run: Run, args, stores: dict, info) -> dict:
         "steps": len(rows), "warmup_s": round(warm_s or 0.0, 1), "step_time_ms": round(1e3 * wall / len(rows), 2),
         "cells_per_step": round(total.cells / len(rows), 1),
         "cells_per_s": round(total.cells / wall, 1), "tokens_per_s": round(total.tokens / wall),
-        "nonpad_tokens_per_s": round(total.nonpad / wall), "padding_fraction": round(1 - total.nonpad / total.tokens, 4),
+        "nonpad_tokens_per_s": round(total.nonpad / wall),
+        "padding_fraction": round(1 - total.nonpad / total.tokens, 4),
         "mfu": round(sum(r["flops"] for r in rows) / wall / peak, 4) if peak else None,
         "breakdown_ms": {k: round(1e3 * sum(r.get(k, 0.0) for r in rows) / len(rows), 2)
                          for k in ("data", "embed", "backbone", "gnn", "fusion", "head", "backward", "optimizer")},
