@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # a subprocess with DeepSpeed
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -194,6 +194,7 @@ def _collect(store, rank, world_size, num_workers, **kw):
     return list(StatefulCellLoader(ds, num_workers=num_workers)), ds
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_two_ranks_two_workers_cover_every_cell_once_per_epoch(tmp_path):
     store = make_store(tmp_path / "even", n_cells=160, shard_sizes=(64, 96), grn=False)
     seen = []
@@ -251,7 +252,7 @@ def _same(x, y):
 LAYOUTS = {"padded": dict(batch_size=8), "packed": dict(max_tokens=200, graph_layout="csr", max_seq_len=30)}
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.e2e)])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_exact_mid_epoch_resume(store, num_workers, layout):
     """Padded and token-packed batches alike: stop after 5 batches, resume from the JSON'd state with 0 or 2

@@ -39,6 +39,7 @@ def _table(tmp_path, genes, cell_type=None, extra=()):
     return path, frame
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_build_from_table_matches_pyscenic_and_design(store, tmp_path):
     st = open_store(store)
     genes = st.gene_names

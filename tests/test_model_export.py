@@ -101,6 +101,7 @@ def test_registered_auto_classes_roundtrip(tmp_path, backbone):
 
 
 @pytest.mark.parametrize("backbone", ["scgpt", "scfoundation"])
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_trust_remote_code_in_fresh_process_without_grnformer_ds(tmp_path, backbone):
     model, batch, out, export = _export(tmp_path, backbone)
     torch.save({"batch": batch, "loss": out.loss, "predictions": out.predictions,

@@ -135,6 +135,7 @@ def test_same_seed_same_store_other_seed_other_order(inputs, ref_store, tmp_path
     assert other.n_cells == ref_store.n_cells
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_workers_and_job_array_equal_single_job(inputs, ref_store, tmp_path):
     files, _, _ = inputs
     assert_same_store(ref_store, build(files[:2], tmp_path / "w2", workers=2))
@@ -186,6 +187,7 @@ def test_killed_gather_rerun_completes_without_duplicates(inputs, ref_store, tmp
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"shard-{i:06d}.zarr" for i in range(8)]
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_sigkill_rerun(inputs, ref_store, tmp_path):
     """A real SIGKILL of the CLI in the middle of the build, then the same command again."""
     import os
@@ -301,6 +303,7 @@ def test_x_data_dtype_is_store_wide(tmp_path, special, dtype):
             np.testing.assert_array_equal(vals.astype(np.float64), X[r][X[r] != 0].astype(np.float64))
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_single_array_with_barrier_equals_single_job(inputs, ref_store, tmp_path):
     """One array without --stage: each task scatters, waits for the others' scatter units, then gathers."""
     import threading

@@ -124,6 +124,7 @@ def test_non_canonical_rows_fall_back(tmp_path, unit_modes, monkeypatch):
     assert all(np.all(np.diff(c) > 0) for c, _ in rows.values())
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_workers_two_equal_one(tmp_path):
     X1 = make_counts(230, 60, 21)
     X2 = make_counts(170, 60, 22)

@@ -169,6 +169,7 @@ def test_open_store_refuses_missing_incomplete_and_other_schema(tmp_path, capsys
     assert open_store(out).assets == {"grn": {"schema_version": 1, "path": "grn"}}
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_cli_subprocess_exit_code_and_no_traceback(tmp_path, good):
     script = Path(__file__).parents[1] / "data_prep" / "build_store.py"
     r = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "s"), "--cell-type-key", "nope",

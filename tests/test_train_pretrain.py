@@ -17,6 +17,8 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e  # the DeepSpeed launcher, MLflow, subprocesses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "launchers", "pretrain.py")
 CFG = {k: os.path.join(REPO, "ds_configs", f"{k}.json") for k in ("zero3", "zero2", "zero3_offload")}

@@ -86,6 +86,7 @@ def test_omp_num_threads_is_respected(monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat") or len(T.usable_cores()) < 2, reason="needs Linux, 2 cores")
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_a_core_held_by_another_process_is_not_counted(monkeypatch):
     """The issue-12 situation: another job spins on one of two cores; the run must not put a thread there."""
     cores = T.usable_cores()

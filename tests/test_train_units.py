@@ -246,6 +246,7 @@ def _metrics(tmp_path):
         return [json.loads(x) for x in fh]
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, dist_info):
     from grnformer_ds.training.guards import NonFiniteLossError
 
@@ -260,6 +261,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops(tmp_path, dist_info):
         t.train()
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_checkpoint_never_holds_nonfinite_weights(tmp_path, dist_info):
     t = _trainer(tmp_path, dist_info, max_steps=1)
     t.train()
@@ -272,6 +274,7 @@ def test_checkpoint_never_holds_nonfinite_weights(tmp_path, dist_info):
     assert not (tmp_path / "checkpoints" / "global_step2").exists()
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_resume_reproduces_losses_and_data_order(tmp_path, dist_info):
     full = _trainer(tmp_path / "full", dist_info, max_steps=6)
     full.train()
@@ -290,6 +293,7 @@ def test_resume_reproduces_losses_and_data_order(tmp_path, dist_info):
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-9)
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_interrupted_save_never_becomes_latest(tmp_path, dist_info, monkeypatch):
     t = _trainer(tmp_path, dist_info, max_steps=1)
     t.train()
@@ -311,6 +315,7 @@ def test_interrupted_save_never_becomes_latest(tmp_path, dist_info, monkeypatch)
     assert ckpt.find_latest(root) == "global_step2" and ckpt.is_complete(root, "global_step2")
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_sqlite_tracking_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
     """MLflow's default for a sqlite store is ./mlruns of the current directory; ours is <db dir>/mlartifacts."""
     from grnformer_ds.training.tracking import Tracker, default_tracking_uri
@@ -328,6 +333,7 @@ def test_sqlite_tracking_keeps_artifacts_beside_the_database(tmp_path, monkeypat
     assert not (cwd / "mlruns").exists()
 
 
+@pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_accumulating_two_micro_batches_equals_one_step_over_both(tmp_path, dist_info):
     """Through the real Trainer and a ZeRO-3 engine: the gradient of one optimizer step over two packed micro-batches
     of unequal size (grad_accum 2) equals that of one micro-batch holding both (grad_accum 1): each micro-batch's
