@@ -31,6 +31,7 @@ EXTRAS = {
     "dev": [
         "pytest>=8",
         "pytest-timeout>=2.3",
+        "pytest-xdist>=3.5",  # the fast loop: pytest -m "not e2e" -n auto
         "ruff>=0.6",  # lint: `ruff check .` (pyproject.toml)
         "ctxcore>=0.2",   # AUCell reference
         "setuptools<81",  # ctxcore imports pkg_resources

@@ -36,6 +36,7 @@ def test_packed_forward_has_no_graph_break(store, backbone):
     assert explained.graph_count == 1
 
 
+@pytest.mark.e2e  # inductor builds and runs C++ kernels (the compiler in subprocesses)
 def test_compiled_blocks_do_not_recompile_after_warm_up(store):
     from grnformer_ds.training.compile import compile_blocks
 
