@@ -3,7 +3,8 @@
 
     python launchers/export_hf.py --checkpoint runs/demo --out hf_model
 
-`--checkpoint` is a run's output dir, its `checkpoints/` dir, or one `global_stepN` dir. The folder then loads with
+`--checkpoint` is a run's output dir, its `checkpoints/` dir, one `global_stepN` dir, or a runs root such as
+`runs/demo` (its `latest` run). The folder then loads with
 `AutoModelForMaskedLM.from_pretrained("hf_model", trust_remote_code=True)` — offline, without grnformer_ds.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from grnformer_ds.errors import cli_main  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="run output dir, its checkpoints/ dir, or a global_stepN dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="run output dir, its checkpoints/ dir, a global_stepN dir, or a runs root (its latest run)")
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
     return p.parse_args(argv)
