@@ -168,6 +168,26 @@ def test_scfoundation_backbone_batches(store):
     assert torch.equal(b["ptr"], torch.arange(B + 1) * L)
 
 
+@pytest.mark.parametrize("backbone, mask_ratio, max_seq_len, lead", [("scgpt", 0.15, 1200, 1),
+                                                                     ("scfoundation", 0.3, 2048, 2)])
+def test_each_backbone_masks_with_its_own_defaults(store, backbone, mask_ratio, max_seq_len, lead):
+    """The dataset passes only what the caller set, so scFoundation masks 30 % of a cell's genes (its recipe), not
+    scGPT's 15 %, and packs cells of up to 2,048 genes + T and S; an explicit value still wins."""
+    from grnformer_ds.data.dataset import longest_cell_tokens
+
+    ds = _ds(store, backbone=backbone, graphs=False)
+    assert (ds.collator.mask_ratio, ds.collator.max_seq_len) == (mask_ratio, max_seq_len)
+    assert longest_cell_tokens(backbone) == max_seq_len + lead - (backbone == "scgpt")  # <cls> is one of scGPT's
+    b = next(iter(ds))
+    masked = (b["labels"] != -100).sum(1).numpy()
+    genes = (b["input_ids"] != ds.reader.pad_id).sum(1).numpy() - (1 if backbone == "scgpt" else 0)
+    if backbone == "scgpt":  # masked among the cell's gene tokens: int(n * ratio)
+        assert (masked == (genes * mask_ratio).astype(int)).all()
+    else:  # the encoder holds the unmasked genes (padded layout: T and S are not slots): nnz = encoder + masked
+        assert (masked == ((genes + masked) * mask_ratio).astype(int)).all()
+    assert _ds(store, backbone=backbone, graphs=False, mask_ratio=0.2).collator.mask_ratio == 0.2
+
+
 
 def test_deterministic_by_seed_and_reshuffled_by_epoch(store):
     a = list(_ds(store, graphs=False))

@@ -361,6 +361,20 @@ def _bad(tmp_path, name, text):
     return str(path)
 
 
+def test_scfoundation_run_uses_scfoundations_own_tokenization(demo_cache, tmp_path):
+    """`--backbone scfoundation` masks 30 % (scFoundation's recipe, not scGPT's 15 %) and packs cells of up to its
+    2,048 genes + T and S (2 such cells per micro-batch on CPU); the resolved settings record it."""
+    out = str(tmp_path / "run")
+    p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
+              "--backbone", "scfoundation", "--max-steps", "3", "--eval-every", "3", "--save-every", "3",
+              "--no-progress", "--no-export", "--mlflow-tracking-uri", "none"], launcher=False)
+    assert "backbone scfoundation" in p.stdout and "packed micro-batches of <= 4100 tokens" in p.stdout, p.stdout
+    settings = json.load(open(os.path.join(out, "run_settings.resolved.json")))
+    tok = settings["tokenization"]
+    assert (tok["mask_ratio"], tok["max_seq_len"], tok["pad_value"]) == (0.3, 2048, -2.0)
+    assert [x["step"] for x in _metrics(out)] == [1, 2, 3]
+
+
 def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
     cfg = _bad(tmp_path, "ds.json", '{"zero_optimization": {"stage": 3,}}')
     p = subprocess.run(_cmd(["--deepspeed_config", cfg, "--output-dir", str(tmp_path / "run")], launcher=False),

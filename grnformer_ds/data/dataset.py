@@ -24,14 +24,15 @@ from .worker_transport import BatchReceiver, BatchSender
 SPLITS = ("train", "eval", "all")
 COLLATORS = {"scgpt": ScGPTCollator, "scfoundation": ScFoundationCollator}
 BACKBONES = tuple(COLLATORS)
-DEFAULT_MAX_SEQ_LEN = 1200
 
 
-def longest_cell_tokens(backbone: str, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> int:
-    """Tokens of the longest cell a packed micro-batch can hold for this backbone (the least ``max_tokens``)."""
+def longest_cell_tokens(backbone: str, max_seq_len: int | None = None) -> int:
+    """Tokens of the longest cell a packed micro-batch can hold for this backbone (the least ``max_tokens``);
+    ``max_seq_len`` None = the backbone collator's own default (scGPT 1,200, scFoundation 2,048)."""
     if backbone not in COLLATORS:
         raise UserInputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    return COLLATORS[backbone].longest_cell(max_seq_len)
+    collator = COLLATORS[backbone]
+    return collator.longest_cell(collator.max_seq_len if max_seq_len is None else max_seq_len)
 
 
 def split_range(n_cells: int, split: str, eval_fraction: float) -> tuple[int, int]:
@@ -93,7 +94,8 @@ class StreamingCellDataset(IterableDataset):
             graph_layout: ``"coo"`` (edges TF -> target) or ``"csr"`` (the structure encoder's final form: undirected
             when ``undirected_graphs``, sorted by destination; `graphs`).
         Collator options (max_seq_len, n_bins, mask_ratio, mask_value, pad_value, pad_to_max_len, ...) pass through
-            ``collator_kwargs`` or the keyword arguments of the same name.
+            ``collator_kwargs`` or the keyword arguments of the same name; None leaves the backbone collator's own
+            default (e.g. ``mask_ratio`` 0.15 for scGPT, 0.3 for scFoundation).
     """
 
     def __init__(self, store: str | Path, *, batch_size: int | None = None, max_tokens: int | None = None,
@@ -102,8 +104,8 @@ class StreamingCellDataset(IterableDataset):
                  training: bool | None = None, shuffle: bool | None = None, drop_last: bool | None = None,
                  block_size: int = 256, buffer_blocks: int = 8, lanes: int = 4, reader: str = "tensorstore",
                  graphs: bool | None = None, edge_perturbation: float = 0.2, graph_layout: str = "coo",
-                 undirected_graphs: bool = True, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, n_bins: int = 51,
-                 mask_ratio: float = 0.15, mask_value: float = -1.0, pad_value: float = -2.0,
+                 undirected_graphs: bool = True, max_seq_len: int | None = None, n_bins: int | None = None,
+                 mask_ratio: float | None = None, mask_value: float | None = None, pad_value: float | None = None,
                  pad_to_max_len: bool = False, collator_kwargs: dict | None = None):
         super().__init__()
         if backbone not in BACKBONES:
@@ -149,17 +151,16 @@ class StreamingCellDataset(IterableDataset):
                 f"split {split!r} has {self.hi - self.lo} cells, fewer than {what} = {least}: every batch would be "
                 f"dropped (lower the batch size or set drop_last=False)", path=str(self.store))
 
-        kw = dict(max_seq_len=max_seq_len, mask_ratio=mask_ratio,
-                  mask_value=mask_value, pad_value=pad_value, pad_to_max_len=pad_to_max_len)
+        # only what the caller set: everything else is the backbone collator's own default (one home per default)
+        given = dict(max_seq_len=max_seq_len, n_bins=n_bins, mask_ratio=mask_ratio, mask_value=mask_value,
+                     pad_value=pad_value)
+        kw = {k: v for k, v in given.items() if v is not None}
+        kw["pad_to_max_len"] = pad_to_max_len
         if self.packed:
             kw.update(max_tokens=self.max_tokens, pad_to_max_tokens=bool(pad_to_max_tokens))
         kw.update(collator_kwargs or {})
         try:
-            if backbone == "scgpt":
-                self.collator = ScGPTCollator(self.reader.gene_token_ids, pad_id=self.reader.pad_id,
-                                              cls_id=self.reader.cls_id, n_bins=n_bins, **kw)
-            else:
-                self.collator = ScFoundationCollator(self.reader.gene_token_ids, pad_id=self.reader.pad_id, **kw)
+            self.collator = COLLATORS[backbone].for_store(self.reader, **kw)
         except (TypeError, ValueError) as exc:  # bad collator option
             raise UserInputError(f"{backbone} tokenization: {exc}") from None
         # packed layout: every cell's token count, known before reading it (stored genes from X/indptr)

@@ -62,6 +62,11 @@ class ScFoundationCollator:
                              f"tokens (max_seq_len + the T and S tokens)")
 
     @classmethod
+    def for_store(cls, reader, **options) -> "ScFoundationCollator":
+        """The collator for a store's `StoreReader`: its gene ids and `<pad>`, `options` over the defaults."""
+        return cls(reader.gene_token_ids, pad_id=reader.pad_id, **options)
+
+    @classmethod
     def longest_cell(cls, max_seq_len: int) -> int:
         """Packed tokens of the longest possible cell for ``max_seq_len`` (T and S included)."""
         return int(max_seq_len) + cls.LEAD

@@ -62,6 +62,11 @@ class ScGPTCollator:
             raise ValueError(f"max_tokens={self.max_tokens} is smaller than the longest cell, {self.max_cell_tokens} "
                              f"tokens (max_seq_len)")
 
+    @classmethod
+    def for_store(cls, reader, **options) -> "ScGPTCollator":
+        """The collator for a store's `StoreReader`: its gene ids and special tokens, `options` over the defaults."""
+        return cls(reader.gene_token_ids, pad_id=reader.pad_id, cls_id=reader.cls_id, **options)
+
     @staticmethod
     def longest_cell(max_seq_len: int) -> int:
         """Tokens of the longest possible cell for ``max_seq_len`` (``<cls>`` included)."""

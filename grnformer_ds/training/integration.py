@@ -82,6 +82,16 @@ def describe_store(store, path: str) -> str:
             f"{graphs}")
 
 
+def tokenization_summary(dataset) -> dict[str, Any]:
+    """The tokenization a run actually uses (the backbone collator's defaults and what the command line set), for
+    run_settings.resolved.json."""
+    import dataclasses
+
+    c = dataset.collator
+    return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+            if f.name not in ("gene_token_ids", "max_tokens", "pad_to_max_tokens")}
+
+
 def store_summary(store, path: str) -> dict[str, Any]:
     """Manifest facts worth logging as MLflow params."""
     m = getattr(store, "manifest", {}) or {}
@@ -201,13 +211,13 @@ def choose_kernels(config, settings, info, say) -> None:
 def resolve_batch_layout(config, settings, resolved, info, args) -> None:
     """Fill the packed layout's defaults into `settings.batch` (the one place they are decided): the token budget
     (`settings.default_max_tokens` of the backbone's longest cell) and padding to it (on when compiling)."""
-    from grnformer_ds.data.dataset import DEFAULT_MAX_SEQ_LEN, longest_cell_tokens
+    from grnformer_ds.data.dataset import longest_cell_tokens
     from grnformer_ds.training.settings import default_max_tokens
 
     b = settings.batch
     if not resolved.packed:
         return
-    longest = longest_cell_tokens(config.backbone, getattr(args, "max_seq_len", None) or DEFAULT_MAX_SEQ_LEN)
+    longest = longest_cell_tokens(config.backbone, getattr(args, "max_seq_len", None))
     if b.max_tokens is None:
         b.max_tokens = default_max_tokens(longest, info.has_gpu)
     if b.max_tokens < longest:
