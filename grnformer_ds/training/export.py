@@ -31,8 +31,8 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
 
     if not os.path.isdir(path):
         raise UserInputError("checkpoint directory not found", path)
-    if not os.path.isdir(os.path.join(path, "checkpoints")) and latest_run(path) is not None:
-        path = latest_run(path)
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        path = latest_run(path) or path
     if os.path.isfile(os.path.join(path, ckpt.COMPLETE)):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
     for root in (path, os.path.join(path, "checkpoints")):

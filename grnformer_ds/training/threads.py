@@ -57,16 +57,13 @@ def _count(name: str) -> int | None:
 def local_ranks(default: int = 1) -> int:
     """Ranks on this node that share this process's CPUs. SLURM tasks bound to their own `--cpus-per-task` CPUs
     (an affinity no larger than that) share nothing: 1."""
-    for name in LAUNCHER_LOCAL_RANKS_ENV:
-        if _count(name):
-            return _count(name)
+    launcher = next((n for n in map(_count, LAUNCHER_LOCAL_RANKS_ENV) if n), None)
+    if launcher:
+        return launcher
     per_task = _count("SLURM_CPUS_PER_TASK")
     if per_task and len(usable_cores()) <= per_task:
         return 1
-    for name in SLURM_LOCAL_RANKS_ENV:
-        if _count(name):
-            return _count(name)
-    return default
+    return next((n for n in map(_count, SLURM_LOCAL_RANKS_ENV) if n), default)
 
 
 def _cpu_times() -> dict[int, tuple[int, int]]:

@@ -353,7 +353,10 @@ class Trainer:
                 if eval_loss is not None:  # one line per evaluation, above the progress bar
                     line = (f"step {step}/{self.s.max_steps}: loss {last.get('loss', float('nan')):.1f}, "
                             f"held-out loss {eval_loss:.1f}")
-                    bar.write(line) if bar is not None else self.say(line)
+                    if bar is not None:
+                        bar.write(line)
+                    else:
+                        self.say(line)
                 if bar is not None:
                     bar.update(1)
                 if step % self.s.save_every == 0 and step != self.s.max_steps:
