@@ -22,6 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from grnformer_ds.modeling import backbone_names
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default=None, help="store directory (data_prep/build_store.py); default: the demo store")
@@ -31,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="debug | small | scgpt-base | base (default: debug for the demo store, small otherwise)")
     g.add_argument("--config", default=None,
                    help="GRNFormerConfig JSON; its fields override the preset's (vocab_size is taken from the store)")
-    g.add_argument("--backbone", default=None, choices=("scgpt", "scfoundation"), help="override the backbone")
+    g.add_argument("--backbone", default=None, choices=backbone_names(),
+                   help="override the preset's backbone (registered ones; --plugin adds yours)")
+    g.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import a module (name or .py path) that registers its own backbone; repeatable "
+                        "(docs/backbones.md)")
     g.add_argument("--no-graph", action="store_true", help="train the plain backbone (no GRN structure encoder)")
     g.add_argument("--max-seq-len", type=int, default=None, help="genes per cell (default: dataset default)")
     g.add_argument("--mask-ratio", type=float, default=None, help="fraction of genes masked (default: dataset's)")
@@ -105,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv=None) -> int:
+    from grnformer_ds.plugins import load_plugins
+
+    load_plugins(argv)  # before the parser: --backbone lists what they register
     args = build_parser().parse_args(argv)
     from grnformer_ds.training.run import run_pretraining
 

@@ -189,6 +189,40 @@ def test_each_backbone_masks_with_its_own_defaults(store, backbone, mask_ratio, 
 
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_scpalm_masks_whole_patches_of_the_models_patching(store, layout):
+    """scPaLM's collator masks in the model's units: every patch the model forms (genes in token-id order, cut every
+    patch_size) is either fully masked or not at all, int(n_patches * mask_ratio) per cell (at least one from two
+    patches on); scGPT's layout and values otherwise."""
+    from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForMaskedLM
+
+    kw = dict(max_tokens=600, max_seq_len=100) if layout == "packed" else {}
+    ds = _ds(store, backbone="scpalm", collator_kwargs={"patch_size": 4}, **kw)
+    assert (ds.collator.mask_ratio, ds.collator.patch_size) == (0.25, 4)
+    b = next(iter(ds))
+    cfg = GRNFormerConfig.from_preset("debug", vocab_size=ds.reader.n_genes + 3, backbone="scpalm", patch_size=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = GRNFormerForMaskedLM(cfg).eval()(**b)
+    assert torch.isfinite(out.loss)
+    ti, masked = out.token_index.reshape(-1), (b["labels"] != -100).reshape(-1)
+    cells = (torch.arange(b["input_ids"].numel()) // b["input_ids"].shape[1] if layout == "padded"
+             else torch.searchsorted(b["cu_seq_lens_q"][1:].long(), torch.arange(b["input_ids"].shape[1]),
+                                     right=True))
+    n_cells = b["cell_index"].shape[0]
+    first = torch.ones_like(cells, dtype=torch.bool)
+    first[1:] = cells[1:] != cells[:-1]  # each cell's <cls> slot
+    for c in range(n_cells):
+        sel = (cells == c) & (ti >= 0) & ~first
+        tokens = ti[sel].unique()
+        per_token = [masked[sel][ti[sel] == t] for t in tokens]
+        assert all(m.all() or not m.any() for m in per_token)  # whole patches
+        n_masked = sum(bool(m.all()) for m in per_token)
+        expect = int(len(tokens) * 0.25) or (1 if len(tokens) > 1 else 0)
+        assert n_masked == expect, (c, len(tokens), n_masked)
+    assert not masked[first].any()  # <cls> is never a target
+
+
 def test_deterministic_by_seed_and_reshuffled_by_epoch(store):
     a = list(_ds(store, graphs=False))
     b = list(_ds(store, graphs=False))

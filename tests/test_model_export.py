@@ -63,7 +63,7 @@ def _export(tmp_path, backbone):
     return model, batch, out, export
 
 
-@pytest.mark.parametrize("backbone", ["scgpt", "scfoundation"])
+@pytest.mark.parametrize("backbone", ["scgpt", "scfoundation", "scpalm"])
 def test_registered_auto_classes_roundtrip(tmp_path, backbone):
     model, batch, out, export = _export(tmp_path, backbone)
     conf = json.loads((export / "config.json").read_text())
@@ -75,7 +75,8 @@ def test_registered_auto_classes_roundtrip(tmp_path, backbone):
     }
     copied = sorted(p.name for p in export.glob("*.py"))
     for needed in ("configuration_grnformer.py", "modeling_grnformer.py", "attention.py", "gnn.py", "fusion.py",
-                   "presets.py", "layers.py", "embeddings.py", "heads.py"):
+                   "presets.py", "layers.py", "embeddings.py", "heads.py", "backbones.py", "backbone_base.py",
+                   "backbone_scgpt.py", "backbone_scfoundation.py", "backbone_scpalm.py", "layout.py", "losses.py"):
         assert needed in copied, copied
     for path in export.glob("*.py"):
         assert not re.search(r"^\s*(from|import)\s+grnformer_ds", path.read_text(), re.M), path.name
@@ -100,7 +101,7 @@ def test_registered_auto_classes_roundtrip(tmp_path, backbone):
     assert {m.attn_implementation for m in eager.modules() if hasattr(m, "attn_implementation")} == {"eager"}
 
 
-@pytest.mark.parametrize("backbone", ["scgpt", "scfoundation"])
+@pytest.mark.parametrize("backbone", ["scgpt", "scfoundation", "scpalm"])
 @pytest.mark.e2e  # worker processes / subprocesses / DeepSpeed engine / MLflow
 def test_trust_remote_code_in_fresh_process_without_grnformer_ds(tmp_path, backbone):
     model, batch, out, export = _export(tmp_path, backbone)

@@ -375,6 +375,90 @@ def test_scfoundation_run_uses_scfoundations_own_tokenization(demo_cache, tmp_pa
     assert [x["step"] for x in _metrics(out)] == [1, 2, 3]
 
 
+TOY_PLUGIN = """
+# a fourth backbone, registered from outside the package: scGPT's layout with mean pooling and its own masking
+from dataclasses import dataclass
+
+from grnformer_ds.data import ScGPTCollator, register_collator
+from grnformer_ds.modeling import register_backbone
+from grnformer_ds.modeling.backbone_scgpt import ScGPTBackbone
+
+
+@register_backbone
+class ToyBackbone(ScGPTBackbone):
+    name = "toy"
+    defaults = {"cell_embedding_pooling": "mean"}
+    uses_mvc = False
+
+
+@register_collator("toy")
+@dataclass
+class ToyCollator(ScGPTCollator):
+    mask_ratio: float = 0.4
+    max_seq_len: int = 300
+"""
+
+
+def test_a_plugin_backbone_runs_through_the_card_command_and_reloads(demo_cache, tmp_path):
+    """A backbone defined in a user's file (model spec + collator) trains through `deepspeed launchers/pretrain.py
+    --plugin FILE --backbone NAME` without touching the package; its own defaults reach the run, and the export
+    reloads (AutoModelForMaskedLM, trust_remote_code) wherever the plug-in module is importable."""
+    plugin = tmp_path / "toy_backbone.py"
+    plugin.write_text(TOY_PLUGIN)
+    out = str(tmp_path / "run")
+    p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
+              "--plugin", str(plugin), "--backbone", "toy", "--max-steps", "3", "--eval-every", "3",
+              "--save-every", "3", "--no-progress", "--mlflow-tracking-uri", "none"])
+    assert "backbone toy" in p.stdout and "packed micro-batches of <= 600 tokens" in p.stdout, p.stdout
+    settings = json.load(open(os.path.join(out, "run_settings.resolved.json")))
+    assert (settings["tokenization"]["mask_ratio"], settings["tokenization"]["max_seq_len"]) == (0.4, 300)
+    assert settings["plugins"] == [str(plugin)]
+    config = json.load(open(os.path.join(out, "hf_model", "config.json")))
+    assert (config["backbone"], config["backbone_module"], config["cell_embedding_pooling"]) == (
+        "toy", "toy_backbone", "mean")
+    assert [x["step"] for x in _metrics(out)] == [1, 2, 3]
+    reload = ("import sys, torch\nfrom transformers import AutoModelForMaskedLM\n"
+              "m = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+              "print(type(m.grnformer.backbone_spec).__module__, m.config.cell_embedding_pooling)\n")
+    r = subprocess.run([sys.executable, "-c", reload, os.path.join(out, "hf_model")], cwd=str(tmp_path),
+                       env=_env(PYTHONPATH=f"{tmp_path}:{REPO}", HF_MODULES_CACHE=str(tmp_path / "hf_modules")),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[-2:] == ["toy_backbone", "mean"], r.stderr[-2000:]
+    bad = subprocess.run(_cmd(["--plugin", str(tmp_path / "missing.py")], launcher=False), cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "plug-in file not found" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_scpalm_through_the_card_command(demo_cache, tmp_path, ranks):
+    """`--backbone scpalm` on 1 and 2 CPU ranks (ZeRO-3, packed): the loss and the held-out loss decrease, the
+    codebook stays in use (code-usage perplexity logged per step), whole patches are masked (25 %, the
+    tokenization recorded), and the run's export reloads with the run's predictions."""
+    out = str(tmp_path / "run")
+    steps = 40 if ranks == 1 else 6
+    p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
+              "--backbone", "scpalm", "--max-steps", str(steps), "--eval-every", str(steps // 2),
+              "--save-every", str(steps), "--no-progress", "--mlflow-tracking-uri", "none"], ranks=ranks)
+    assert f"{ranks} rank(s)" in p.stdout and "backbone scpalm" in p.stdout, p.stdout
+    tok = json.load(open(os.path.join(out, "run_settings.resolved.json")))["tokenization"]
+    assert (tok["mask_ratio"], tok["patch_size"]) == (0.25, 16)
+    m = _metrics(out)
+    assert [x["step"] for x in m] == list(range(1, steps + 1))
+    assert {"loss_mlm", "loss_cell", "loss_codebook", "loss_contrastive", "codebook_perplexity"} <= set(m[0])
+    evals = [x["eval_loss"] for x in m if "eval_loss" in x]
+    assert evals[-1] < evals[0] and m[-1]["loss"] < m[0]["loss"]
+    if ranks == 1:  # 64 codes: not collapsed onto a few
+        assert m[-1]["codebook_perplexity"] > 8, [round(x["codebook_perplexity"], 1) for x in m]
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(os.path.join(out, "hf_model"), trust_remote_code=True).eval()
+    batch = _eval_batches(os.path.join(demo_cache, "demo_store"), 1, 1)[0][0]
+    with torch.no_grad():
+        got = model(**batch)
+    assert got.token_index is not None and got.last_hidden_state.shape[1] < batch["input_ids"].shape[1] / 8
+    assert torch.isfinite(got.loss)
+
+
 def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
     cfg = _bad(tmp_path, "ds.json", '{"zero_optimization": {"stage": 3,}}')
     p = subprocess.run(_cmd(["--deepspeed_config", cfg, "--output-dir", str(tmp_path / "run")], launcher=False),

@@ -12,26 +12,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserInputError
 from .cells import CellRows
+from .collators import get_collator
 from .graphs import GraphBuilder
 from .packing import PackedEpochPlan
 from .readers import StoreReader
 from .row_gather import gather_spans
 from .sampler import EpochPlan, batch_rng
-from .scfoundation_collator import ScFoundationCollator
-from .scgpt_collator import ScGPTCollator
 from .worker_transport import BatchReceiver, BatchSender
 
 SPLITS = ("train", "eval", "all")
-COLLATORS = {"scgpt": ScGPTCollator, "scfoundation": ScFoundationCollator}
-BACKBONES = tuple(COLLATORS)
 
 
 def longest_cell_tokens(backbone: str, max_seq_len: int | None = None) -> int:
     """Tokens of the longest cell a packed micro-batch can hold for this backbone (the least ``max_tokens``);
     ``max_seq_len`` None = the backbone collator's own default (scGPT 1,200, scFoundation 2,048)."""
-    if backbone not in COLLATORS:
-        raise UserInputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    collator = COLLATORS[backbone]
+    collator = get_collator(backbone)
     return collator.longest_cell(collator.max_seq_len if max_seq_len is None else max_seq_len)
 
 
@@ -68,7 +63,8 @@ class StreamingCellDataset(IterableDataset):
        ``consumed + w, consumed + w + N, ...`` so the loader's round-robin returns them in order;
     2. read (`readers.StoreReader`): the batch's blocks of contiguous cells (tensorstore ``zarr3``, or zarr-python),
        cached per worker while their shuffle buffer is in use (``lanes`` keeps workers on disjoint buffers);
-    3. tokenize (`ScGPTCollator` / `ScFoundationCollator`): binning or log1p values, gene subset, ``<cls>``, masking;
+    3. tokenize (the backbone's registered collator, `collators`): binning or log1p values, gene subset, ``<cls>``,
+       masking;
     4. graphs (`graphs.GraphBuilder`, when the store has GRN assets): cell-type GRN and cell-specific GRN (union of
        the active regulons) restricted to the cell's tokens, edge perturbation (training only), PyG batching;
     5. every random choice of a batch comes from a generator seeded by (seed, epoch, global batch index), so
@@ -80,7 +76,8 @@ class StreamingCellDataset(IterableDataset):
             padded to exactly max_tokens with dummy segments (static shapes for ``torch.compile``).
             seed: data seed. rank, world_size: data parallel position (each rank yields ``len(self)`` batches per
             epoch).
-        backbone: ``"scgpt"`` (default) or ``"scfoundation"``. split: ``"train"`` (default), ``"eval"`` or ``"all"``;
+        backbone: a registered backbone (`collators`): ``"scgpt"`` (default), ``"scfoundation"``, ``"scpalm"`` or a
+            plug-in's. split: ``"train"`` (default), ``"eval"`` or ``"all"``;
             eval_fraction: held-out tail of the store for ``"eval"`` (default 0.05, see `split_range`).
         training: masking + edge perturbation + reshuffle per epoch (default: ``split != "eval"``); an evaluation
             dataset yields the same batches on every pass.
@@ -108,8 +105,7 @@ class StreamingCellDataset(IterableDataset):
                  mask_ratio: float | None = None, mask_value: float | None = None, pad_value: float | None = None,
                  pad_to_max_len: bool = False, collator_kwargs: dict | None = None):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise UserInputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        collator_cls = get_collator(backbone)
         if (batch_size is None) == (max_tokens is None):
             raise UserInputError("give exactly one of batch_size (padded batches) and max_tokens (packed batches)")
         if batch_size is not None and batch_size < 1:
@@ -160,7 +156,7 @@ class StreamingCellDataset(IterableDataset):
             kw.update(max_tokens=self.max_tokens, pad_to_max_tokens=bool(pad_to_max_tokens))
         kw.update(collator_kwargs or {})
         try:
-            self.collator = COLLATORS[backbone].for_store(self.reader, **kw)
+            self.collator = collator_cls.for_store(self.reader, **kw)
         except (TypeError, ValueError) as exc:  # bad collator option
             raise UserInputError(f"{backbone} tokenization: {exc}") from None
         # packed layout: every cell's token count, known before reading it (stored genes from X/indptr)

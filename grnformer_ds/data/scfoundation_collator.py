@@ -52,6 +52,7 @@ class ScFoundationCollator:
     pad_to_max_tokens: bool = False
 
     LEAD = 2  # the T and S slots at the start of each packed segment
+    model_config_fields = ("mask_value", "pad_value")  # options the model config decides (`collators`)
 
     def __post_init__(self):
         self.gene_token_ids = np.asarray(self.gene_token_ids, dtype=np.int64)

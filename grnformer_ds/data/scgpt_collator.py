@@ -8,7 +8,8 @@ or, with ``max_tokens``, packed back to back into one (1, T) row, each cell's se
 THD layout of `packing`; ``pad_to_max_tokens`` pads T to exactly ``max_tokens`` with dummy segments).
 
 Random draws, in this order from the caller's generator: ``rng.random(nnz)`` tie-breaking uniforms (binning), then
-one ``rng.random`` for the subset + mask partition of all cells (``masking.draw_partition``). The work is batch-wide:
+one ``rng.random`` for the subset + mask partition of all cells (``masking.draw_partition``), then whatever a
+subclass's `mask_more` draws (scPaLM's patch masking). The work is batch-wide:
 one binning kernel, one partition kernel, one kernel writing the padded arrays (``token_kernels.py``).
 """
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ScGPTCollator:
     max_tokens: int | None = None
     pad_to_max_tokens: bool = False
 
+    model_config_fields = ("n_bins", "mask_value", "pad_value")  # options the model config decides (`collators`)
+
     def __post_init__(self):
         self.gene_token_ids = np.asarray(self.gene_token_ids, dtype=np.int64)
         if self.max_seq_len < 2:
@@ -80,6 +83,15 @@ class ScGPTCollator:
         """Tokens of a cell with ``nnz`` nonzero genes (``<cls>`` + at most max_seq_len - 1 genes)."""
         return np.minimum(np.asarray(nnz, np.int64), self.max_seq_len - 1) + 1
 
+    def genes_to_mask(self, kept: np.ndarray) -> np.ndarray:
+        """Genes masked one by one per cell, ``int(n * mask_ratio)`` of its kept genes (a subclass that masks in
+        other units returns zeros and masks in `mask_more`)."""
+        return (kept * self.mask_ratio).astype(np.int64)
+
+    def mask_more(self, input_ids, values, labels, starts, kept, rng) -> None:
+        """Hook after the token arrays are filled (cell b's genes at ``starts[b] + 1 ..``); scGPT masks nothing
+        more."""
+
     def __call__(self, rows: CellRows, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         n_cells = len(rows)
         max_genes = self.max_seq_len - 1
@@ -91,8 +103,7 @@ class ScGPTCollator:
         bins = bin_batch(indptr, counts, self.n_bins, uniforms, self.target_sum)
         # Then one draw for the whole batch: which genes long cells drop, which kept genes are masked (masking.py).
         kept = np.minimum(lens, max_genes)
-        n_mask = (kept * self.mask_ratio).astype(np.int64)  # int(n * mask_ratio) per cell
-        state = draw_partition(indptr, n_mask, lens - kept, rng)
+        state = draw_partition(indptr, self.genes_to_mask(kept), lens - kept, rng)
         if self.max_tokens is not None:
             segments = segment_offsets(kept + 1, self.max_tokens if self.pad_to_max_tokens else None,
                                        self.max_cell_tokens)
@@ -108,6 +119,7 @@ class ScGPTCollator:
         slot_genes = np.empty(total, dtype=np.int64)
         fill_scgpt(indptr, np.ascontiguousarray(cols), bins, state, self.gene_token_ids, self.cls_id, self.pad_id,
                    self.mask_value, self.pad_value, IGNORE_INDEX, starts, caps, input_ids, values, labels, slot_genes)
+        self.mask_more(input_ids, values, labels, starts, kept, rng)
         meta = {"cell_index": torch.from_numpy(np.asarray(rows.cell_index, dtype=np.int64)),
                 "cell_type_ids": torch.from_numpy(np.asarray(rows.cell_type, dtype=np.int64))}
         if self.max_tokens is not None:

@@ -11,6 +11,7 @@ the weights (loadable with `trust_remote_code=True` where grnformer_ds is not in
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .attention import ATTN_IMPLEMENTATIONS, resolve_attn_implementation
+from .backbones import Backbone, backbone_names, get_backbone, register_backbone
 from .configuration_grnformer import GRNFormerConfig
 from .dummy_inputs import make_dummy_batch
 from .modeling_grnformer import (
@@ -25,6 +26,7 @@ from .presets import PRESETS, preset_names
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
+    "Backbone",
     "GRNFormerConfig",
     "GRNFormerForMaskedLM",
     "GRNFormerMaskedLMOutput",
@@ -32,9 +34,12 @@ __all__ = [
     "GRNFormerModelOutput",
     "GRNFormerPreTrainedModel",
     "PRESETS",
+    "backbone_names",
+    "get_backbone",
     "make_dummy_batch",
     "masked_mse_loss",
     "preset_names",
+    "register_backbone",
     "resolve_attn_implementation",
 ]
 

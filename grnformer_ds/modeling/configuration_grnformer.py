@@ -1,4 +1,4 @@
-"""`GRNFormerConfig`: one HF config for both backbones, the GRN structure encoder and the fusion adapter.
+"""`GRNFormerConfig`: one HF config for every backbone, the GRN structure encoder and the fusion adapter.
 
 Only torch / transformers / stdlib imports and relative imports here: `save_pretrained` copies this file into the
 export folder, where `trust_remote_code=True` loads it without grnformer_ds installed.
@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .backbones import backbone_names, get_backbone
 from .presets import PRESETS
 
-BACKBONES = ("scgpt", "scfoundation")
 VALUE_ENCODINGS = ("continuous", "categorical", "autobin")
 GNN_TYPES = ("sage", "gcn", "gin", "gat")
 FUSION_POSITIONS = ("replace", "after")
 GNN_NODE_INPUTS = ("gene", "gene+value")
 GNN_AGGREGATIONS = ("scatter", "csr")
-CELL_POOLINGS = ("cls", "all", "max", "mean")
 GRAPH_SCALES = ("celltype", "cell")
 
 
@@ -28,29 +27,35 @@ class GRNFormerConfig(PretrainedConfig):
     r"""Configuration of a GRNFormer model (Qiu et al., ACL Findings 2025).
 
     Backbone:
-        backbone (`str`, "scgpt"): "scgpt" (gene token + value embedding, encoder, `<cls>` cell embedding, MLP
-            expression decoder) or "scfoundation" (xTrimoGene: encoder over nonzero genes + two total-count tokens,
-            auto-discretization value embedding, transformer decoder over all genes).
+        backbone (`str`, "scgpt"): a registered backbone (`backbones.backbone_names()`): "scgpt" (gene token + value
+            embedding, encoder, `<cls>` cell embedding, MLP expression decoder), "scfoundation" (xTrimoGene: encoder
+            over nonzero genes + two total-count tokens, auto-discretization value embedding, transformer decoder
+            over all genes), "scpalm" (patched gene embedding + pathway codebook; `backbone_scpalm`), or a plug-in.
+            Fields left None below take the backbone's defaults (`Backbone.defaults`), which may also add the
+            backbone's own fields (e.g. scPaLM's patch_size).
+        backbone_module (`str`, None): the module that registers a plug-in backbone, imported when the backbone is
+            not registered yet (so that a saved model finds its backbone where that module is importable).
         vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act,
         hidden_dropout_prob, attention_probs_dropout_prob, layer_norm_eps, initializer_range: as in BERT.
         norm_first (`bool`, False): pre-norm layers; both reference models are post-norm.
-        final_layer_norm (`bool`, None): LayerNorm after the encoder; None = backbone default (scFoundation yes,
-            scGPT no).
+        final_layer_norm (`bool`, None): LayerNorm after the encoder; None = backbone default (scFoundation and
+            scPaLM yes, scGPT no).
         pad_token_id, cls_token_id: ids of `<pad>` and `<cls>` in vocab.json.
     Values:
         value_encoding (`str`, None): "continuous" (scGPT's whole-human default: Linear-ReLU-Linear-LayerNorm on the
             binned value), "categorical" (one embedding per bin), "autobin" (scFoundation's auto-discretization).
-            None = "continuous" for scgpt, "autobin" for scfoundation.
+            None = the backbone's ("continuous" for scgpt / scpalm, "autobin" for scfoundation).
         n_bins (`int`, 51): scGPT's number of value bins (categorical embedding size is n_bins + 2).
         max_value (`float`, 512): clamp of the continuous value encoder input (scGPT).
         mask_value (-1), pad_value (-2): value at masked / padded positions in the batch.
         autobin_num_bins (`int`, 100), autobin_alpha (`float`, 1.0): scFoundation auto-discretization.
         use_mvc (`bool`, False): scGPT's gene-expression prediction from the cell embedding (GEPC/MVC) as an extra
-            loss (scgpt backbone only).
+            loss (scgpt only).
     scFoundation decoder:
         decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads, decoder_intermediate_size.
         cell_embedding_pooling (`str`, None): "cls" (scgpt), "all" = concat(S token, T token, max, mean) as
-            scFoundation's get_embedding (4 x hidden), "max", "mean". None = backbone default.
+            scFoundation's get_embedding (4 x hidden), "max", "mean"; each backbone lists the ones it supports.
+            None = backbone default.
     Structure encoder (torch-geometric):
         use_graph (`bool`, True): build the structure encoder and the fusion adapter. False = the plain backbone.
         gnn_type (`str`, "sage"): "sage" | "gcn" | "gin" | "gat".
@@ -75,6 +80,7 @@ class GRNFormerConfig(PretrainedConfig):
     def __init__(
         self,
         backbone: str = "scgpt",
+        backbone_module: str | None = None,
         vocab_size: int = 60697,
         hidden_size: int = 512,
         num_hidden_layers: int = 12,
@@ -120,6 +126,7 @@ class GRNFormerConfig(PretrainedConfig):
         **kwargs,
     ):
         self.backbone = backbone
+        self.backbone_module = backbone_module
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -131,10 +138,8 @@ class GRNFormerConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.norm_first = norm_first
-        self.final_layer_norm = (backbone == "scfoundation") if final_layer_norm is None else final_layer_norm
+        self.final_layer_norm = final_layer_norm
         self.cls_token_id = cls_token_id
-        if value_encoding is None:
-            value_encoding = "autobin" if backbone == "scfoundation" else "continuous"
         self.value_encoding = value_encoding
         self.n_bins = n_bins
         self.max_value = max_value
@@ -147,8 +152,6 @@ class GRNFormerConfig(PretrainedConfig):
         self.decoder_num_hidden_layers = decoder_num_hidden_layers
         self.decoder_num_attention_heads = decoder_num_attention_heads
         self.decoder_intermediate_size = decoder_intermediate_size
-        if cell_embedding_pooling is None:
-            cell_embedding_pooling = "all" if backbone == "scfoundation" else "cls"
         self.cell_embedding_pooling = cell_embedding_pooling
         self.use_graph = use_graph
         self.gnn_type = gnn_type
@@ -166,7 +169,19 @@ class GRNFormerConfig(PretrainedConfig):
         self.fusion_num_attention_heads = fusion_num_attention_heads
         self.fusion_beta_init = fusion_beta_init
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        spec = self.backbone_spec
+        if self.backbone_module is None and type(spec).__module__.rpartition(".")[0] != __name__.rpartition(".")[0]:
+            self.backbone_module = type(spec).__module__  # a plug-in: where a saved model finds it again
+        # the backbone's defaults fill what was left None (and add the backbone's own fields)
+        for name, value in spec.all_defaults().items():
+            if getattr(self, name, None) is None:
+                setattr(self, name, value)
         self.validate_grnformer()
+
+    @property
+    def backbone_spec(self):
+        """The registered `backbone_base.Backbone` this config selects."""
+        return get_backbone(self.backbone, self.backbone_module)
 
     def validate_grnformer(self) -> None:
         """Raise a one-line ValueError naming the bad field (kept separate from HF's own `validate`)."""
@@ -176,12 +191,12 @@ class GRNFormerConfig(PretrainedConfig):
             if value not in allowed:
                 raise ValueError(f"GRNFormerConfig: {name}={value!r} is not one of {list(allowed)}")
 
-        choice("backbone", BACKBONES)
+        if self.backbone not in backbone_names():  # imports backbone_module, or raises naming the registered ones
+            get_backbone(self.backbone, self.backbone_module)
         choice("value_encoding", VALUE_ENCODINGS)
         choice("gnn_type", GNN_TYPES)
         choice("fusion_position", FUSION_POSITIONS)
         choice("gnn_node_input", GNN_NODE_INPUTS)
-        choice("cell_embedding_pooling", CELL_POOLINGS)
         choice("gnn_aggregation", GNN_AGGREGATIONS)
         for scale in self.graph_scales:
             if scale not in GRAPH_SCALES:
@@ -198,20 +213,9 @@ class GRNFormerConfig(PretrainedConfig):
                 f"GRNFormerConfig: hidden_size={self.hidden_size} is not divisible by "
                 f"fusion_num_attention_heads={self.fusion_heads}"
             )
-        if self.backbone == "scfoundation":
-            if self.decoder_hidden_size % self.decoder_num_attention_heads:
-                raise ValueError(
-                    f"GRNFormerConfig: decoder_hidden_size={self.decoder_hidden_size} is not divisible by "
-                    f"decoder_num_attention_heads={self.decoder_num_attention_heads}"
-                )
-            if self.cell_embedding_pooling == "cls":
-                raise ValueError("GRNFormerConfig: cell_embedding_pooling='cls' needs backbone='scgpt'")
-            if self.use_mvc:
-                raise ValueError("GRNFormerConfig: use_mvc=True needs backbone='scgpt'")
-        if self.backbone == "scgpt" and self.cell_embedding_pooling == "all":
-            raise ValueError("GRNFormerConfig: cell_embedding_pooling='all' needs backbone='scfoundation'")
         if self.use_graph and self.fusion_position == "replace" and self.num_hidden_layers < 1:
             raise ValueError("GRNFormerConfig: fusion_position='replace' needs num_hidden_layers >= 1")
+        self.backbone_spec.validate(self)
         if self.gnn_type == "gat" and (self.gnn_hidden_size or self.hidden_size) % self.gat_heads:
             raise ValueError(
                 f"GRNFormerConfig: GAT hidden size {self.gnn_hidden_size or self.hidden_size} is not divisible by "
@@ -231,7 +235,8 @@ class GRNFormerConfig(PretrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GRNFormerConfig":
-        """`GRNFormerConfig.from_preset("scgpt-base", vocab_size=..., backbone=...)`."""
+        """`GRNFormerConfig.from_preset("scgpt-base", vocab_size=..., backbone=...)`; backbones add their own
+        presets (e.g. "scpalm-small", which also sets backbone="scpalm")."""
         if name not in PRESETS:
             raise ValueError(f"GRNFormerConfig: unknown preset {name!r}, choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

@@ -194,6 +194,9 @@ def choose_kernels(config, settings, info, say) -> None:
     from grnformer_ds.modeling import resolve_attn_implementation
     from grnformer_ds.training.compile import choose_attn_implementation
 
+    if settings.compile and not config.backbone_spec.static_shapes:
+        raise UserInputError(f"--compile: the {config.backbone} backbone's token layout has a data-dependent length "
+                             f"(no static shapes to compile for); train it without --compile")
     impl, note = choose_attn_implementation(settings.attn_implementation, config, info.has_gpu)
     try:
         impl = resolve_attn_implementation(impl)
@@ -231,16 +234,15 @@ def build_datasets(store_path: str, config, settings, resolved, info, args):
     """(train loader with state_dict/load_state_dict, held-out EvalBatches or None). Packed micro-batches of
     `settings.batch.max_tokens` tokens (`resolve_batch_layout` first) or padded ones of the resolved micro batch;
     graphs in the structure encoder's final form (undirected as the config says, sorted by destination)."""
-    from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset
+    from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset, get_collator
 
     layout = (dict(max_tokens=settings.batch.max_tokens, pad_to_max_tokens=bool(settings.batch.pad_to_max_tokens))
               if resolved.packed else dict(batch_size=resolved.micro_batch_size))
     kw: dict[str, Any] = dict(seed=settings.seed, rank=info.rank, world_size=info.world_size,
                               backbone=config.backbone, graphs=bool(config.use_graph), graph_layout="csr",
-                              undirected_graphs=bool(config.gnn_add_reverse_edges),
-                              mask_value=config.mask_value, pad_value=config.pad_value, **layout)
-    if config.backbone == "scgpt":
-        kw["n_bins"] = config.n_bins
+                              undirected_graphs=bool(config.gnn_add_reverse_edges), **layout)
+    # the tokenization options the model decides (bins, mask / pad values, patch size ...) come from its config
+    kw["collator_kwargs"] = {f: getattr(config, f) for f in get_collator(config.backbone).model_config_fields}
     if getattr(args, "max_seq_len", None):
         kw["max_seq_len"] = args.max_seq_len
     if getattr(args, "mask_ratio", None) is not None:

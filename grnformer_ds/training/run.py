@@ -174,7 +174,8 @@ def run_pretraining(args: Namespace) -> int:
         run_path = os.path.join(settings.output_dir, "run_settings.resolved.json")
         ckpt.atomic_write_text(run_path, json.dumps({**settings.to_flat_dict(), "packed": resolved.packed,
                                                      "attn_implementation": config._attn_implementation,
-                                                     "tokenization": I.tokenization_summary(train_batches.dataset)},
+                                                     "tokenization": I.tokenization_summary(train_batches.dataset),
+                                                     "plugins": list(getattr(args, "plugin", None) or [])},
                                                     indent=1))
         tracker.log_params({k: v for k, v in settings.to_flat_dict().items() if k != "resume"}, prefix="run.")
         tracker.log_params(config.to_diff_dict(), prefix="model.")

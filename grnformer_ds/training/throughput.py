@@ -45,17 +45,21 @@ def peak_flops(device: torch.device) -> float | None:
 class BatchCounts:
     """What one collated batch holds. cells: real cells; tokens: token slots the model runs over (padding and dummy
     segments included); nonpad: tokens of real cells (scFoundation's T and S tokens included); attention_pairs: sum
-    over cells of length^2; decoder_tokens: B x G (scFoundation's all-gene decoder, else 0)."""
+    over cells of the encoder length^2; decoder_tokens: B x G (scFoundation's all-gene decoder, else 0);
+    encoder_tokens: tokens the transformer runs over for the real cells (= nonpad, except for a backbone that
+    groups slots into fewer tokens: scPaLM's patches), None = nonpad."""
 
     cells: int
     tokens: int
     nonpad: int
     attention_pairs: int
     decoder_tokens: int = 0
+    encoder_tokens: int | None = None
 
 
-def batch_counts(batch: dict) -> BatchCounts:
-    """`BatchCounts` of a padded or packed batch (docs/design.md section 3)."""
+def batch_counts(batch: dict, encoder_lengths=None) -> BatchCounts:
+    """`BatchCounts` of a padded or packed batch (docs/design.md section 3). ``encoder_lengths``: the model's
+    `Backbone.encoder_lengths` (a cell's slots -> its encoder tokens), None = one token per slot."""
     ids = batch["input_ids"]
     extra = 2 if "total_counts" in batch else 0  # scFoundation's T and S tokens
     if batch.get("cu_seq_lens_q") is not None:
@@ -68,9 +72,10 @@ def batch_counts(batch: dict) -> BatchCounts:
             torch.full((ids.shape[0],), ids.shape[1] + extra)
         n_cells = int(ids.shape[0])
     dec = batch.get("decoder_values")
+    enc = lengths if encoder_lengths is None else encoder_lengths(lengths)
     return BatchCounts(cells=n_cells, tokens=int(ids.numel()), nonpad=int(lengths.sum()),
-                       attention_pairs=int((lengths ** 2).sum()),
-                       decoder_tokens=int(dec.numel()) if dec is not None else 0)
+                       attention_pairs=int((enc ** 2).sum()),
+                       decoder_tokens=int(dec.numel()) if dec is not None else 0, encoder_tokens=int(enc.sum()))
 
 
 def _numel(module: torch.nn.Module | None) -> int:
@@ -95,7 +100,8 @@ def flops_profile(model: torch.nn.Module) -> dict[str, int]:
 
 def train_flops(profile: dict[str, int], counts: BatchCounts) -> float:
     """Useful training FLOPs of one batch (module docstring)."""
-    fwd = 2.0 * profile["encoder_params"] * counts.nonpad
+    encoder_tokens = counts.nonpad if counts.encoder_tokens is None else counts.encoder_tokens
+    fwd = 2.0 * profile["encoder_params"] * encoder_tokens
     fwd += 4.0 * profile["encoder_attn_layers"] * profile["d_model"] * counts.attention_pairs
     if profile.get("decoder_layers") and counts.decoder_tokens:
         genes = counts.decoder_tokens / max(counts.cells, 1)

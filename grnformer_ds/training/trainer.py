@@ -82,6 +82,20 @@ def forward_keys(module: torch.nn.Module) -> set[str] | None:
     return set(params)
 
 
+def _reported(out: Any) -> dict[str, torch.Tensor]:
+    """What a model output reports beside its loss, for metrics.jsonl / MLflow: each named loss term
+    (``loss_terms``, logged as ``loss_<name>`` when there are several) and the backbone's scalar diagnostics
+    (``codebook_perplexity``)."""
+    found: dict[str, torch.Tensor] = {}
+    terms = getattr(out, "loss_terms", None)
+    if isinstance(terms, dict) and len(terms) > 1:
+        found.update({f"loss_{k}": v.detach().float() for k, v in terms.items()})
+    perplexity = getattr(out, "codebook_perplexity", None)
+    if isinstance(perplexity, torch.Tensor):
+        found["codebook_perplexity"] = perplexity.detach().float()
+    return found
+
+
 def _loss_of(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -117,9 +131,11 @@ class Trainer:
             os.makedirs(settings.output_dir, exist_ok=True)
         self.keys = forward_keys(engine.module)
         # models whose forward names transformers' `num_items_in_batch` get the step-global loss normalisation
-        self.global_normalization = self.keys is not None and "num_items_in_batch" in self.keys
+        self.global_normalization = "num_items_in_batch" in inspect.signature(engine.module.forward).parameters
         self.prepare_batch = prepare_batch  # e.g. marking dynamic dims for torch.compile (compile.py)
         self.flops_info = flops_info or {}
+        spec = getattr(getattr(engine.module, "config", None), "backbone_spec", None)
+        self.encoder_lengths = None if spec is None else (lambda n: spec.encoder_lengths(engine.module.config, n))
         self.peak = peak_flops(self.device)
         self.on_save = on_save
         self.schedule = schedule  # the LR curve `engine.lr_scheduler` reads; a resume may extend it
@@ -270,8 +286,9 @@ class Trainer:
         """One optimizer step (grad_accum finite micro-batches). Returns this rank's sums for logging."""
         t0 = time.perf_counter()
         done, loss_sum, skipped = 0, 0.0, 0
-        cells = tokens = nonpad = pairs = dec_tokens = 0
+        cells = tokens = nonpad = pairs = dec_tokens = enc_tokens = 0
         digest = hashlib.sha1()
+        reported: dict[str, torch.Tensor] = {}
         td = time.perf_counter()
         pending = [self._next_batch() for _ in range(self.resolved.grad_accum)]
         items = self._items_per_rank(pending) if self.global_normalization else None
@@ -285,7 +302,8 @@ class Trainer:
             if items is not None:
                 dev_batch["num_items_in_batch"] = items
             t_data += time.perf_counter() - td
-            loss = _loss_of(self.engine(**dev_batch))
+            out = self.engine(**dev_batch)
+            loss = _loss_of(out)
             self.state.micro_batches += 1
             if not self.guard.is_finite(loss):
                 skipped += 1
@@ -293,19 +311,23 @@ class Trainer:
             self.engine.backward(loss, scale_wrt_gas=items is None)
             self.engine.step()
             done += 1
+            for k, v in _reported(out).items():
+                reported[k] = reported.get(k, 0.0) + v
             loss_sum += loss.detach().float().item()
-            c = batch_counts(batch)
+            c = batch_counts(batch, self.encoder_lengths)
             cells, tokens, nonpad = cells + c.cells, tokens + c.tokens, nonpad + c.nonpad
             pairs, dec_tokens = pairs + c.attention_pairs, dec_tokens + c.decoder_tokens
+            enc_tokens += c.encoder_tokens
         self.state.step += 1
         return {"loss_sum": loss_sum, "n": done, "cells": cells, "tokens": tokens, "nonpad": nonpad,
-                "pairs": pairs, "decoder_tokens": dec_tokens, "skipped": skipped,
-                "time": time.perf_counter() - t0, "data_time": t_data, "digest": digest.hexdigest()[:16]}
+                "pairs": pairs, "decoder_tokens": dec_tokens, "encoder_tokens": enc_tokens, "skipped": skipped,
+                "time": time.perf_counter() - t0, "data_time": t_data, "digest": digest.hexdigest()[:16],
+                "reported": {k: float(v) for k, v in sorted(reported.items())}}
 
     def _log(self, r: dict[str, float], eval_loss: float | None, bar) -> dict[str, float]:
-        loss_sum, n, cells, tokens, nonpad, pairs, dec_tokens = _reduce_sum(
-            [r["loss_sum"], r["n"], r["cells"], r["tokens"], r["nonpad"], r["pairs"], r["decoder_tokens"]],
-            self.device)
+        loss_sum, n, cells, tokens, nonpad, pairs, dec_tokens, enc_tokens = _reduce_sum(
+            [r["loss_sum"], r["n"], r["cells"], r["tokens"], r["nonpad"], r["pairs"], r["decoder_tokens"],
+             r["encoder_tokens"]], self.device)
         self.state.cells_seen += int(cells)
         self.state.nonpad_tokens_seen += int(nonpad)
         dt = max(r["time"], 1e-9)
@@ -317,12 +339,19 @@ class Trainer:
              "cells_per_s": cells / dt, "tokens_per_s": tokens / dt, "nonpad_tokens_per_s": nonpad / dt,
              "padding_fraction": 1.0 - nonpad / max(tokens, 1),
              "step_time_s": dt, "data_time_s": r["data_time"], "skipped_nonfinite": float(self.guard.total_skipped)}
+        names = list(r.get("reported", {}))
+        if names:  # loss terms like the loss (module docstring); diagnostics as means over micro-batches and ranks
+            sums = _reduce_sum([r["reported"][k] for k in names], self.device)
+            for k, v in zip(names, sums):
+                per_loss = k.startswith("loss_") and self.global_normalization
+                m[k] = v / self.resolved.world_size if per_loss else v / max(n, 1)
         if eval_loss is not None:
             m["eval_loss"] = eval_loss
         if self.device.type == "cuda":
             m["gpu_mem_max_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             if self.peak and self.flops_info:
-                counts = BatchCounts(int(cells), int(tokens), int(nonpad), int(pairs), int(dec_tokens))
+                counts = BatchCounts(int(cells), int(tokens), int(nonpad), int(pairs), int(dec_tokens),
+                                     int(enc_tokens))
                 m["mfu"] = train_flops(self.flops_info, counts) / dt / (self.peak * self.resolved.world_size)
         if self.is_main:
             self.tracker.log_metrics(m, step=self.state.step)
