@@ -24,14 +24,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run output dir, its checkpoints/ dir, a global_stepN dir, or a runs root (its latest run)")
     p.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import a module (name or .py path) that registers the run's plug-in backbone")
     return p.parse_args(argv)
 
 
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from grnformer_ds.plugins import import_plugin
     from grnformer_ds.training.export import export_checkpoint
 
+    for plugin in args.plugin:
+        import_plugin(plugin)
     out = export_checkpoint(args.checkpoint, args.out, tag=args.tag)
     print(f"exported to {out}")
     return 0

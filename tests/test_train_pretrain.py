@@ -424,6 +424,13 @@ def test_a_plugin_backbone_runs_through_the_card_command_and_reloads(demo_cache,
                        env=_env(PYTHONPATH=f"{tmp_path}:{REPO}", HF_MODULES_CACHE=str(tmp_path / "hf_modules")),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split()[-2:] == ["toy_backbone", "mean"], r.stderr[-2000:]
+    export = [sys.executable, os.path.join(REPO, "launchers", "export_hf.py"), "--checkpoint", out, "--out",
+              str(tmp_path / "exp")]
+    e = subprocess.run(export, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert e.returncode == 2 and "toy_backbone" in e.stderr and len(e.stderr.splitlines()) == 1, e.stderr
+    e = subprocess.run(export + ["--plugin", str(plugin)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert e.returncode == 0 and "exported to" in e.stdout, e.stderr[-2000:]
     bad = subprocess.run(_cmd(["--plugin", str(tmp_path / "missing.py")], launcher=False), cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "plug-in file not found" in bad.stderr and len(bad.stderr.splitlines()) == 1
@@ -468,7 +475,8 @@ def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: invalid JSON at line 1 column "), p.stderr
 
 
-@pytest.mark.parametrize("case", ["disagreement", "deepspeed_rejects", "vocab_too_small", "output_dir_taken"])
+@pytest.mark.parametrize("case", ["disagreement", "deepspeed_rejects", "vocab_too_small", "output_dir_taken",
+                                  "compile_scpalm"])
 def test_bad_input_is_one_line_and_exit_2(case, demo_cache, tmp_path, capsys):
     """Through the CLI entry point in this process (a process group is already up or started here)."""
     sys.path.insert(0, os.path.join(REPO, "launchers"))
@@ -487,6 +495,10 @@ def test_bad_input_is_one_line_and_exit_2(case, demo_cache, tmp_path, capsys):
         cfg = CFG["zero3"]
         args += ["--config", _bad(tmp_path, "model.json", json.dumps({"vocab_size": 10}))]
         needle = "vocabulary does not fit"
+    elif case == "compile_scpalm":  # its patch layout has no static shapes
+        cfg = CFG["zero3"]
+        args += ["--backbone", "scpalm", "--compile"]
+        needle = "--compile: the scpalm backbone's token layout has a data-dependent length"
     else:  # another run's complete checkpoint is there: refuse rather than interleave two runs
         cfg = CFG["zero3"]
         (tmp_path / "run" / "checkpoints" / "global_step5").mkdir(parents=True)

@@ -222,8 +222,7 @@ class ScPaLMBackbone(Backbone):
         tokens = model.patch_embedding(gene_states, torch.where(is_gene, dest, sink), n_tokens)
         cls_dest = torch.where(is_cls, dest, sink)
         table = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[-1])])
-        return table.index_copy(0, cls_dest, gene_states.to(table.dtype))[:n_tokens] if bool(is_cls.any()) \
-            else tokens
+        return table.index_copy(0, cls_dest, gene_states.to(table.dtype))[:n_tokens]
 
     def embed(self, model, input_ids, values, attention_mask, packed, inputs) -> Embedded:
         cfg = model.config
@@ -238,16 +237,16 @@ class ScPaLMBackbone(Backbone):
         has_gene = torch.zeros(n_tokens + 1, dtype=torch.bool, device=tokens.device)
         has_gene[torch.where(is_gene, dest, n_tokens)] = True
         has_gene = has_gene[:n_tokens]
-        tokens, vq_loss, perplexity, codes = model.pathway_codebook(tokens, has_gene, cfg.codebook_commitment,
-                                                                           cfg.codebook_entropy_weight)
+        tokens, vq_loss, perplexity, _ = model.pathway_codebook(tokens, has_gene, cfg.codebook_commitment,
+                                                                cfg.codebook_entropy_weight)
         n_cells = input_ids.shape[0] if packed is None else packed["n_cells"]
         extras = {"dest": dest, "is_gene": is_gene, "is_cls": is_cls, "n_tokens": n_tokens, "gene_emb": gene_emb,
                   "values": values, "slot_cells": cell.clamp(max=max(n_cells - 1, 0)), "vq_loss": vq_loss,
-                  "perplexity": perplexity, "codes": codes}
+                  "perplexity": perplexity}
         if packed is None:
             bsz, n_tok, token_mask = layout
-            extras["token_index"] = torch.where(dest < n_tokens, dest - torch.arange(
-                bsz, device=dest.device).repeat_interleave(input_ids.shape[1]) * n_tok, -1).reshape(input_ids.shape)
+            # row-local token of each slot (token t of cell b is flat row b * Lt + t)
+            extras["token_index"] = torch.where(dest < n_tokens, dest - cell * n_tok, -1).reshape(input_ids.shape)
             return Embedded(tokens=tokens.reshape(bsz, n_tok, -1), mask=token_mask, seq=None,
                             gene_tokens=has_gene.reshape(bsz, n_tok), node_features=node_features, n_cells=bsz,
                             extras=extras)

@@ -58,7 +58,10 @@ def load_run_assets(ckpt_root: str):
     if not os.path.isfile(cfg_path):
         raise UserInputError(f"{MODEL_CONFIG} is missing; was this checkpoint written by launchers/pretrain.py?",
                              ckpt_root)
-    config = GRNFormerConfig.from_json_file(cfg_path)
+    try:
+        config = GRNFormerConfig.from_json_file(cfg_path)
+    except ValueError as exc:  # e.g. a plug-in backbone whose module cannot be imported here
+        raise UserInputError(" ".join(str(exc).split()), cfg_path) from None
     with open(os.path.join(ckpt_root, VOCAB), encoding="utf-8") as fh:
         vocab = json.load(fh)
     return config, vocab

@@ -153,10 +153,9 @@ def model_config(args, backbone, vocab_size):
 def model_check(args, backbone, impls, dtype):
     device = args.device
     gen = torch.Generator().manual_seed(args.seed + 1)
-    if backbone == "scgpt":
-        bsz, seqlen, n_genes = args.batch_size, args.seq_len, max(4 * args.seq_len, 512)
-    else:
-        bsz, seqlen, n_genes = args.sf_batch_size, args.sf_seq_len, args.sf_genes
+    # scFoundation's all-gene decoder gets its own sizes (--sf-*); every other backbone the encoder's
+    sizes = {"scfoundation": (args.sf_batch_size, args.sf_seq_len, args.sf_genes)}
+    bsz, seqlen, n_genes = sizes.get(backbone, (args.batch_size, args.seq_len, max(4 * args.seq_len, 512)))
     cfg = model_config(args, backbone, vocab_size=n_genes + 3)
     batch = make_dummy_batch(cfg, batch_size=bsz, seq_len=seqlen, n_genes=n_genes,
                              lengths=random_lengths(gen, bsz, seqlen), edges_per_cell=args.edges_per_cell,
@@ -165,7 +164,8 @@ def model_check(args, backbone, impls, dtype):
     model = GRNFormerForMaskedLM(cfg).to(device=device, dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
     mask = batch["attention_mask"]
-    pred_mask = mask if backbone == "scgpt" else torch.ones_like(batch["labels"], dtype=torch.bool)
+    # predictions aligned with the input slots are compared at real slots; an all-gene decoder's everywhere
+    pred_mask = mask if batch["labels"].shape == mask.shape else torch.ones_like(batch["labels"], dtype=torch.bool)
     result = {"batch_size": bsz, "seq_len": seqlen, "n_genes": n_genes, "params": n_params,
               "mean_len": float(mask.sum(1).float().mean()), "impls": {}}
     reference_holder: dict = {}
