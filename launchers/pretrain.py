@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import a module (name or .py path) that registers its own backbone; repeatable "
                         "(docs/backbones.md)")
     g.add_argument("--no-graph", action="store_true", help="train the plain backbone (no GRN structure encoder)")
+    g.add_argument("--init-from", default=None, metavar="HF_DIR",
+                   help="start from a Hugging Face folder (import_checkpoint.py or export_hf.py); the store must use "
+                        "its vocab.json; GRN parts it lacks are added with beta = 0")
+    g.add_argument("--freeze-backbone", action="store_true",
+                   help="with --init-from: train only the GRN structure encoder, the fusion and the head")
+    g.add_argument("--new-params-lr", type=float, default=None,
+                   help="with --init-from: peak LR of the new GRN parts (default 10 x --lr)")
     g.add_argument("--max-seq-len", type=int, default=None, help="genes per cell (default: dataset default)")
     g.add_argument("--mask-ratio", type=float, default=None, help="fraction of genes masked (default: dataset's)")
     g.add_argument("--eval-fraction", type=float, default=None, help="held-out fraction of cells for evaluation")

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -464,6 +465,80 @@ def test_scpalm_through_the_card_command(demo_cache, tmp_path, ranks):
         got = model(**batch)
     assert got.token_index is not None and got.last_hidden_state.shape[1] < batch["input_ids"].shape[1] / 8
     assert torch.isfinite(got.loss)
+
+
+def _scgpt_import(demo_cache, tmp_path):
+    """A small scGPT checkpoint in scGPT's own format on the demo store's genes, imported (the HF folder)."""
+    from scgpt_reference import make_scgpt, write_scgpt_folder  # tests/ is on sys.path
+
+    from grnformer_ds.training.importing import import_checkpoint
+
+    vocab = json.load(open(os.path.join(demo_cache, "demo_store", "vocab.json")))
+    ref = make_scgpt(vocab, d_model=32, nhead=4, d_hid=64, nlayers=2)
+    folder = write_scgpt_folder(ref, vocab, tmp_path / "scgpt", naming="flash")
+    return import_checkpoint("scgpt", folder, str(tmp_path / "hf"), say=lambda line: None)
+
+
+def test_init_from_an_import_starts_from_the_foundation_model_exactly(demo_cache, tmp_path):
+    """GRN parts added to an imported backbone (after its last layer, beta = 0): on a demo batch with graphs the
+    outputs are the imported model's without graphs, bit for bit; a store on another vocabulary is refused."""
+    from grnformer_ds.errors import UserInputError
+    from grnformer_ds.modeling import GRNFormerForMaskedLM
+    from grnformer_ds.store import open_store
+    from grnformer_ds.training.importing import init_from_config, load_init_weights
+
+    hf = _scgpt_import(demo_cache, tmp_path)
+    store = open_store(os.path.join(demo_cache, "demo_store"))
+    lines = []
+    config, weights = init_from_config(hf, store, use_graph=True, say=lines.append)
+    assert (config.use_graph, config.fusion_position, config.fusion_beta_init) == (True, "after", 0.0)
+    model = GRNFormerForMaskedLM(config).eval()
+    new = load_init_weights(model, weights, lines.append)
+    assert new and all(n.startswith(("grnformer.structure_encoder.", "grnformer.fusion.")) for n in new)
+    assert any("store counts on the model's 768-token vocabulary: 100.0%" in ln for ln in lines), lines
+    plain = GRNFormerForMaskedLM.from_pretrained(hf).eval()
+    batch = _eval_batches(os.path.join(demo_cache, "demo_store"), 1, 1)[0][0]
+    with torch.no_grad():
+        got, expected = model(**batch), plain(**batch)
+    assert got.structure_states is not None and expected.structure_states is None  # the GRN path ran
+    assert torch.equal(got.predictions, expected.predictions)
+    assert torch.equal(got.cell_embedding, expected.cell_embedding)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(hf, name), other / name)
+    vocab = json.load(open(os.path.join(hf, "vocab.json")))
+    (other / "vocab.json").write_text(json.dumps({k: (v + 1 if k == "CD3D" else v) for k, v in vocab.items()}))
+    with pytest.raises(UserInputError, match=r"rebuild the store with data_prep/build_store.py --gene-vocab .*vocab"):
+        init_from_config(str(other), store, use_graph=True, say=lines.append)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_init_from_through_the_card_command(demo_cache, tmp_path, ranks):
+    """`--init-from` an scGPT import on 1 and 2 CPU ranks (ZeRO-3): finite losses, the export reloads with the GRN
+    parts; with --freeze-backbone (2 ranks) every backbone weight of the export is the import's, bit for bit."""
+    hf = _scgpt_import(demo_cache, tmp_path)
+    out = str(tmp_path / "run")
+    extra = ["--freeze-backbone"] if ranks == 2 else ["--new-params-lr", "0.01"]
+    p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
+              "--init-from", hf, "--max-steps", "4", "--eval-every", "2", "--save-every", "4", "--no-progress",
+              "--mlflow-tracking-uri", "none", *extra], ranks=ranks)
+    assert "init: 50 tensors from the folder" in p.stdout and "beta = 0" in p.stdout, p.stdout
+    assert "for the pretrained parameters" in p.stdout
+    if ranks == 2:
+        assert "frozen: 0.04M backbone parameters" in p.stdout
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and all(np.isfinite(x["loss"]) for x in m)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(os.path.join(out, "hf_model"), trust_remote_code=True)
+    assert model.config.use_graph and model.config.fusion_position == "after"
+    start, end = load_file(os.path.join(hf, "model.safetensors")), load_file(
+        os.path.join(out, "hf_model", "model.safetensors"))
+    backbone = [k for k in start if k.startswith("grnformer.")]
+    same = [k for k in backbone if torch.equal(start[k], end[k])]
+    assert len(same) == (len(backbone) if ranks == 2 else 0), (len(same), len(backbone))
 
 
 def test_bad_config_file_is_one_line_and_exit_2(tmp_path):

@@ -20,6 +20,7 @@ keys stay the model's own) and is stateless.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -29,6 +30,21 @@ from .layout import Embedded, packed_token_cells, pool
 from .presets import PRESETS
 
 _REGISTRY: dict[str, type["Backbone"]] = {}
+
+
+@dataclass
+class ImportedCheckpoint:
+    """A checkpoint in another project's format, read and mapped by its backbone (`Backbone.import_checkpoint`).
+
+    config: `GRNFormerConfig` fields (sizes, vocabulary ids, value encoding ...). state_dict: the weights under
+    `GRNFormerForMaskedLM`'s names. vocab: the checkpoint's gene vocabulary {token: id}. unused: checkpoint keys
+    that have no place in the model (e.g. a classification head), reported, not fatal. source: what was read."""
+
+    config: dict
+    state_dict: dict
+    vocab: dict
+    unused: list = field(default_factory=list)
+    source: str = ""
 
 
 class Backbone:
@@ -169,6 +185,12 @@ class Backbone:
         """Encoder tokens of cells with ``slots`` input slots each (int64 tensor; scFoundation's T / S counted in
         the slots), for throughput and FLOP counts: one token per slot."""
         return slots
+
+    # ------------------------------------------------------------------ other projects' checkpoints
+    def import_checkpoint(self, path: str, variant: str | None = None) -> ImportedCheckpoint:
+        """Read a checkpoint written by this backbone's reference project and map it onto our names. Errors are
+        one-line `ValueError` / `FileNotFoundError` naming the file and the problem."""
+        raise ValueError(f"backbone {self.name!r} has no checkpoint importer")
 
     # ------------------------------------------------------------------ inputs
     def dummy_batch(self, config, **kwargs) -> dict:

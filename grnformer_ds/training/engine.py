@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -127,15 +128,26 @@ def register_external_parameters(pairs: Iterable[tuple[torch.nn.Module, torch.nn
         deepspeed.zero.register_external_parameter(module, param)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms and other 1-d parameters (the BERT/HF convention)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: torch.nn.Module, weight_decay: float, new_params: set[str] | None = None,
+                 new_lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms and other 1-d parameters (the BERT/HF convention); frozen
+    parameters left out; with `new_params` (names) and `new_lr`, those parameters in groups of their own at that
+    peak learning rate (the schedule scales every group alike)."""
+    new_params = new_params or set()
+    groups: dict[tuple[bool, bool], list] = {(n, d): [] for n in (False, True) for d in (True, False)}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         shape = getattr(p, "ds_shape", p.shape)
-        (decay if len(shape) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups[(new_lr is not None and name in new_params, len(shape) >= 2)].append(p)
+    out = []
+    for (is_new, decay), params in groups.items():
+        if params or not is_new:  # the two plain groups always exist (their order is what checkpoints hold)
+            group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+            if is_new:
+                group["lr"] = new_lr
+            out.append(group)
+    return out
 
 
 def block_classes(model: torch.nn.Module) -> list[type]:
@@ -147,18 +159,24 @@ def block_classes(model: torch.nn.Module) -> list[type]:
 
 def build_engine(model: torch.nn.Module, resolved: ResolvedConfig, lr: float, weight_decay: float,
                  betas: tuple[float, float], eps: float, scheduler_fn: Callable, has_gpu: bool,
-                 leaf_blocks: bool = True):
+                 leaf_blocks: bool = True, new_params: set[str] | None = None, new_lr: float | None = None):
     """`deepspeed.initialize` with torch AdamW as client optimizer (unless the JSON has an "optimizer" block) and our
     warmup + cosine schedule. Under ZeRO-3 the model's blocks become leaf modules (module docstring; `leaf_blocks`
     False keeps DeepSpeed's per-module hooks, for comparison). Returns the engine; `engine.optimizer`,
     `engine.lr_scheduler` hold the rest."""
     import deepspeed
 
-    if resolved.zero_stage == 3 and leaf_blocks and block_classes(model):
+    # With frozen parameters (--freeze-backbone) leaf blocks fail in backward under DeepSpeed 0.19.8: a block
+    # whose inputs need no gradient (the fusion reading a frozen encoder) has its weights released before its own
+    # backward; DeepSpeed's per-module hooks handle that case.
+    frozen = any(not p.requires_grad for p in model.parameters())
+    if frozen:  # expected with a frozen backbone: the fusion's inputs need no gradient
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+    if resolved.zero_stage == 3 and leaf_blocks and not frozen and block_classes(model):
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, block_classes(model))
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, new_params, new_lr)
     optimizer = None
     if resolved.client_optimizer:
         # torch AdamW: no JIT build (FusedAdam/CPUAdam compile C++/CUDA at first use); fused kernel on GPU.

@@ -91,6 +91,36 @@ def save_hf_folder(model, vocab: dict[str, int], out_dir: str) -> str:
     return out_dir
 
 
+def restore_frozen_weights(ckpt_root: str, state: dict) -> int:
+    """A --freeze-backbone run keeps no fp32 master copy of its frozen weights (DeepSpeed holds them in the training
+    dtype only, e.g. bf16): put back the --init-from folder's own values, where the checkpoint's are exactly those
+    values in the training dtype (so nothing that trained is replaced). Returns how many tensors were restored."""
+    settings_path = os.path.join(os.path.dirname(os.path.abspath(ckpt_root)), "run_settings.resolved.json")
+    if not os.path.isfile(settings_path):
+        return 0
+    with open(settings_path, encoding="utf-8") as fh:
+        settings = json.load(fh)
+    init_from = settings.get("init_from")
+    weights_file = os.path.join(init_from or "", "model.safetensors")
+    if not (settings.get("freeze_backbone") and init_from and os.path.isfile(weights_file)):
+        return 0
+    from safetensors.torch import load_file
+
+    from grnformer_ds.training.importing import NEW_PARTS
+
+    init, restored = load_file(weights_file), 0
+    for key, value in state.items():
+        original = init.get(key)
+        if original is None or not key.startswith("grnformer.") or key.startswith(NEW_PARTS):
+            continue
+        # the frozen value as the run held it: itself (fp32 runs) or rounded to the training dtype
+        if original.shape == value.shape and any(torch.equal(original.to(dtype).float(), value.float())
+                                                 for dtype in (torch.float32, torch.bfloat16, torch.float16)):
+            state[key] = original
+            restored += 1
+    return restored
+
+
 def export_checkpoint(checkpoint: str, out_dir: str, tag: str | None = None) -> str:
     """Consolidate the checkpoint's fp32 weights, load them into `GRNFormerForMaskedLM` (strictly) and save the
     HF folder. Returns `out_dir`."""
@@ -101,6 +131,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, tag: str | None = None) -> 
     tag = tag or found
     config, vocab = load_run_assets(root)
     state = consolidate_fp32(root, tag)
+    restore_frozen_weights(root, state)
     model = GRNFormerForMaskedLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied/shared parameters are stored once by DeepSpeed; anything else missing is a real mismatch.

@@ -38,10 +38,12 @@ def settings_from_args(args: Namespace) -> RunSettings:
         resume=args.resume, num_workers=args.num_workers, export=not args.no_export, progress=not args.no_progress,
         compile=bool(getattr(args, "compile", False)), attn_implementation=getattr(args, "attn_implementation", None),
         mlflow_tracking_uri=args.mlflow_tracking_uri, experiment_name=args.experiment_name, run_name=args.run_name,
+        init_from=getattr(args, "init_from", None), freeze_backbone=bool(getattr(args, "freeze_backbone", False)),
         batch=BatchSettings(args.micro_batch_size, args.grad_accum, getattr(args, "max_tokens", None),
                             getattr(args, "pad_to_max_tokens", None)),
         optim=OptimSettings(lr=args.lr or d["lr"], weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                            min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip))
+                            min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip,
+                            new_params_lr=getattr(args, "new_params_lr", None)))
 
 
 def _saved_mlflow_run_id(settings: RunSettings) -> str | None:
@@ -125,8 +127,21 @@ def run_pretraining(args: Namespace) -> int:
     say(I.describe_store(store, store_path))
 
     # ---- model config (vocabulary must fit) and model
-    preset = args.model_preset or (DEMO["preset"] if settings.data is None else FULL["preset"])
-    config = I.build_model_config(store, preset, args.config, backbone=args.backbone, use_graph=not args.no_graph)
+    init_weights = None
+    if settings.init_from:
+        from grnformer_ds.training.importing import init_from_config
+
+        given = [f for f, v in (("--model-preset", args.model_preset), ("--config", args.config),
+                                ("--backbone", args.backbone)) if v]
+        if given or args.zero_init == "on":
+            raise UserInputError(f"--init-from takes the model from {settings.init_from}: drop "
+                                 f"{', '.join(given) or '--zero-init on'}")
+        preset = f"from {settings.init_from}"
+        config, init_weights = init_from_config(settings.init_from, store, use_graph=not args.no_graph, say=say)
+    else:
+        preset = args.model_preset or (DEMO["preset"] if settings.data is None else FULL["preset"])
+        config = I.build_model_config(store, preset, args.config, backbone=args.backbone,
+                                      use_graph=not args.no_graph)
     I.choose_kernels(config, settings, info, say)
     I.resolve_batch_layout(config, settings, resolved, info, args)
     b = settings.batch
@@ -135,9 +150,19 @@ def run_pretraining(args: Namespace) -> int:
     say(f"batch: {per_step} x accum {resolved.grad_accum} x {info.world_size} rank(s) per step; attention "
         f"{config._attn_implementation}{', torch.compile' if settings.compile else ''}")
     torch.manual_seed(settings.seed)  # identical initial weights on every rank (ZeRO partitions each rank's copy)
-    zero_init = args.zero_init == "on" or (args.zero_init == "auto" and I.wants_zero_init(config))
+    zero_init = init_weights is None and (args.zero_init == "on" or (args.zero_init == "auto"
+                                                                       and I.wants_zero_init(config)))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved.precision, torch.float32)
     model = I.build_model(config, E.zero_init_context(resolved, enabled=zero_init), dtype=dtype)
+    new_params = None
+    if init_weights is not None:
+        from grnformer_ds.training.importing import freeze_backbone, load_init_weights
+
+        new_params = load_init_weights(model, init_weights, say)
+        del init_weights
+        if settings.freeze_backbone:
+            say(f"frozen: {freeze_backbone(model) / 1e6:.2f}M backbone parameters (--freeze-backbone); training the "
+                f"GRN structure encoder, the fusion and the head")
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     say(f"model: preset {preset}, backbone {config.backbone}, graphs {config.use_graph}, {n_params / 1e6:.2f}M "
         f"parameters{' (zero.Init)' if zero_init and resolved.zero_stage == 3 else ''}")
@@ -149,8 +174,14 @@ def run_pretraining(args: Namespace) -> int:
     o = settings.optim
     schedule = LRSchedule.warmup_cosine(o.lr, o.resolved_warmup(settings.max_steps), settings.max_steps,
                                         o.min_lr_ratio)
+    new_lr = None
+    if new_params:
+        new_lr = o.new_params_lr or 10 * o.lr
+        say(f"learning rate: {o.lr:g} for the pretrained parameters, {new_lr:g} for the {len(new_params)} new ones "
+            f"(--new-params-lr{'' if o.new_params_lr else '; default 10 x --lr'})")
     engine = E.build_engine(model, resolved, o.lr, o.weight_decay, o.betas, o.eps,
-                            lambda opt: build_scheduler(opt, schedule), has_gpu=info.has_gpu)
+                            lambda opt: build_scheduler(opt, schedule), has_gpu=info.has_gpu,
+                            new_params=set(new_params or ()), new_lr=new_lr)
     prepare_batch = None
     if settings.compile:
         from grnformer_ds.training.compile import compile_engine

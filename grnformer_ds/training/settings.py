@@ -63,6 +63,7 @@ class OptimSettings:
     warmup_steps: int | None = None  # None: 5% of max_steps (at least 1)
     min_lr_ratio: float = 0.1
     grad_clip: float | None = None  # None: JSON value, else 1.0
+    new_params_lr: float | None = None  # --init-from: peak LR of the new GRN parts (None: 10 x lr)
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -71,6 +72,8 @@ class OptimSettings:
             raise UserInputError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UserInputError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.new_params_lr is not None and not self.new_params_lr > 0:
+            raise UserInputError(f"--new-params-lr must be > 0, got {self.new_params_lr}")
 
     def resolved_warmup(self, max_steps: int) -> int:
         if self.warmup_steps is not None:
@@ -102,6 +105,8 @@ class RunSettings:
     mlflow_tracking_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
     experiment_name: str = "grnformer_ds"
     run_name: str | None = None
+    init_from: str | None = None  # a Hugging Face folder to start from (import_checkpoint.py / export_hf.py)
+    freeze_backbone: bool = False  # with init_from: train only the GRN structure encoder, the fusion and the head
     batch: BatchSettings = field(default_factory=BatchSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
 
@@ -113,6 +118,10 @@ class RunSettings:
                 raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.eval_batches < 0:
             raise UserInputError(f"--eval-batches must be >= 0, got {self.eval_batches}")
+        if self.freeze_backbone and not self.init_from:
+            raise UserInputError("--freeze-backbone needs --init-from (a pretrained backbone to keep)")
+        if self.optim.new_params_lr is not None and not self.init_from:
+            raise UserInputError("--new-params-lr needs --init-from (otherwise every parameter is new)")
 
     def to_flat_dict(self) -> dict[str, Any]:
         """Flat `{"batch.micro_batch_size": 8, ...}` view for MLflow params."""
