@@ -17,10 +17,14 @@ import torch
 def scgpt_model_module():
     """`scgpt.model.model` (TransformerModel), or skip when scgpt==0.2.4 is not installed."""
     if "scgpt.model.model" not in sys.modules:
-        spec = importlib.util.find_spec("scgpt")
-        if spec is None:
-            pytest.skip("scgpt==0.2.4 not installed (pip install --no-deps scgpt==0.2.4)")
-        root = os.path.dirname(spec.origin)
+        pkg = sys.modules.get("scgpt")  # the tokenizer tests' bare package object (its __spec__ is None)
+        if pkg is not None and getattr(pkg, "__path__", None):
+            root = list(pkg.__path__)[0]
+        else:
+            spec = importlib.util.find_spec("scgpt")
+            if spec is None:
+                pytest.skip("scgpt==0.2.4 not installed (pip install --no-deps scgpt==0.2.4)")
+            root = os.path.dirname(spec.origin)
         for name, path in (("scgpt", root), ("scgpt.model", os.path.join(root, "model"))):
             if name not in sys.modules:
                 module = types.ModuleType(name)

@@ -551,7 +551,7 @@ def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["disagreement", "deepspeed_rejects", "vocab_too_small", "output_dir_taken",
-                                  "compile_scpalm"])
+                                  "compile_scpalm", "init_from_and_preset", "freeze_without_init"])
 def test_bad_input_is_one_line_and_exit_2(case, demo_cache, tmp_path, capsys):
     """Through the CLI entry point in this process (a process group is already up or started here)."""
     sys.path.insert(0, os.path.join(REPO, "launchers"))
@@ -570,6 +570,14 @@ def test_bad_input_is_one_line_and_exit_2(case, demo_cache, tmp_path, capsys):
         cfg = CFG["zero3"]
         args += ["--config", _bad(tmp_path, "model.json", json.dumps({"vocab_size": 10}))]
         needle = "vocabulary does not fit"
+    elif case == "init_from_and_preset":  # the model comes from the folder: one source of truth
+        cfg = CFG["zero3"]
+        args += ["--init-from", str(tmp_path), "--model-preset", "debug"]
+        needle = f"--init-from takes the model from {tmp_path}: drop --model-preset"
+    elif case == "freeze_without_init":
+        cfg = CFG["zero3"]
+        args += ["--freeze-backbone"]
+        needle = "--freeze-backbone needs --init-from"
     elif case == "compile_scpalm":  # its patch layout has no static shapes
         cfg = CFG["zero3"]
         args += ["--backbone", "scpalm", "--compile"]
