@@ -161,9 +161,9 @@ class Backbone:
 
     # ------------------------------------------------------------------ pretraining head
     def head(self, lm, enc, emb: Embedded, input_ids: torch.Tensor, inputs: dict) -> dict:
-        """Masked-value predictions from the encoder output `enc` (`GRNFormerModelOutput`): returns predictions
-        (aligned with the batch's labels), gene_embeddings, and `loss_terms(labels, num_items) -> dict` entries are
-        computed by `loss_terms`. `inputs`: the values of `head_inputs`."""
+        """The head on the encoder output `enc` (`GRNFormerModelOutput`): a dict with "predictions" (aligned with the
+        batch's labels), "gene_embeddings" and whatever else this backbone's `loss_terms` reads. `inputs`: the values
+        of `head_inputs`."""
         predictions = lm.expr_decoder(enc.last_hidden_state)
         out = {"predictions": predictions, "gene_embeddings": enc.last_hidden_state}
         if lm.mvc_decoder is not None:

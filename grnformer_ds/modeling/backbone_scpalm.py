@@ -54,8 +54,7 @@ from torch import nn
 
 from .attention import PackedSequences
 from .backbone_base import Backbone, register_backbone
-from .backbone_scgpt import scgpt_like_dummy_batch
-from .dummy_graphs import add_graphs
+from .backbone_scgpt import ScGPTBackbone
 from .layout import Embedded, keys_without_lead, packed_token_cells
 from .losses import IGNORE_INDEX, masked_mse_loss
 
@@ -287,8 +286,7 @@ class ScPaLMBackbone(Backbone):
         predictions = lm.gene_decoder(decoder_in).reshape(input_ids.shape)
         cell_predictions = lm.cell_decoder(enc.cell_embedding, gene_emb.unsqueeze(0), x["slot_cells"])
         return {"predictions": predictions, "gene_embeddings": decoder_in.reshape(*input_ids.shape, hidden),
-                "cell_predictions": cell_predictions.reshape(input_ids.shape), "token_states": states, "emb": emb,
-                "input_ids": input_ids}
+                "cell_predictions": cell_predictions.reshape(input_ids.shape), "token_states": states, "emb": emb}
 
     def loss_terms(self, lm, head_out: dict, enc, labels, num_items_in_batch) -> dict:
         cfg = lm.config
@@ -320,9 +318,7 @@ class ScPaLMBackbone(Backbone):
         if rows.numel() < 2:
             return head_out["token_states"].sum() * 0.0
         with torch.no_grad():  # the targets: the same patches with their true values
-            ids = head_out["input_ids"]
-            true_values = torch.where(flat_labels.reshape(ids.shape) != IGNORE_INDEX, labels.to(torch.float32),
-                                      x["values"])
+            true_values = torch.where(labels != IGNORE_INDEX, labels.to(torch.float32), x["values"])
             clean = x["gene_emb"] + model.value_encoder(true_values)
             target = model.patch_embedding(clean.reshape(-1, clean.shape[-1]),
                                            torch.where(x["is_gene"], dest, n_tokens), n_tokens)[rows]
@@ -330,10 +326,4 @@ class ScPaLMBackbone(Backbone):
         logits = anchor @ F.normalize(target.float(), dim=-1).t() / lm.config.contrastive_temperature
         return F.cross_entropy(logits, torch.arange(rows.shape[0], device=logits.device))
 
-    # ------------------------------------------------------------------ inputs
-    def dummy_batch(self, config, gen, bsz, seqlen, n_genes, lengths, mask_ratio, first_gene_id, graphs,
-                    edges_per_cell):
-        batch = scgpt_like_dummy_batch(config, gen, bsz, seqlen, n_genes, lengths, mask_ratio, first_gene_id)
-        if graphs:
-            add_graphs(batch, gen, batch["attention_mask"], 1, edges_per_cell)
-        return batch
+    dummy_batch = ScGPTBackbone.dummy_batch  # scGPT's inputs: the patches are made in `embed`

@@ -296,7 +296,7 @@ class GRNFormerModel(GRNFormerPreTrainedModel):
             if max_length_q is None:
                 raise ValueError("GRNFormerModel: a packed batch needs max_length_q with cu_seq_lens_q")
             packed = {"cu_seq_lens": cu_seq_lens_q, "max_length": max_length_q,
-                      "n_cells": num_packed_cells(cu_seq_lens_q, *inputs.values(), cell_index),
+                      "n_cells": num_packed_cells(cu_seq_lens_q, cell_index, *inputs.values()),
                       "padded_view": output_fusion_attentions or cfg._attn_implementation in ("eager", "sdpa")}
         else:
             mask = (input_ids != cfg.pad_token_id) if attention_mask is None else attention_mask.bool()

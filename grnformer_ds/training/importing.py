@@ -102,8 +102,7 @@ def init_from_config(hf_dir: str, store, use_graph: bool, say: Callable[[str], N
     if wrong:
         raise UserInputError(f"the store's vocabulary is not the model's ({len(wrong):,} of its {len(store_vocab):,} "
                              f"tokens differ, e.g. {wrong[0]!r}); rebuild the store with data_prep/build_store.py "
-                             f"--gene-vocab {os.path.join(hf_dir, 'vocab.json')}", store.path if hasattr(
-                                 store, "path") else None)
+                             f"--gene-vocab {os.path.join(hf_dir, 'vocab.json')}", str(store.path))
     inputs = (getattr(store, "manifest", {}) or {}).get("inputs") or []
     mapped = [i.get("count_fraction_mapped") for i in inputs if i.get("count_fraction_mapped") is not None]
     if mapped:
