@@ -2,6 +2,7 @@
 resume (also with DataLoader workers), graphs, clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -189,16 +190,23 @@ def test_each_backbone_masks_with_its_own_defaults(store, backbone, mask_ratio, 
 
 
 
+@pytest.mark.parametrize("columns", ["in id order", "shuffled ids"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_scpalm_masks_whole_patches_of_the_models_patching(store, layout):
+def test_scpalm_masks_whole_patches_of_the_models_patching(store, layout, columns):
     """scPaLM's collator masks in the model's units: every patch the model forms (genes in token-id order, cut every
     patch_size) is either fully masked or not at all, int(n_patches * mask_ratio) per cell (at least one from two
-    patches on); scGPT's layout and values otherwise."""
+    patches on); scGPT's layout and values otherwise. Both when store columns are in token-id order (the collator's
+    fast path) and when a vocabulary gives them ids in another order (genes ranked by id per cell)."""
     from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForMaskedLM
 
     kw = dict(max_tokens=600, max_seq_len=100) if layout == "packed" else {}
     ds = _ds(store, backbone="scpalm", collator_kwargs={"patch_size": 4}, **kw)
     assert (ds.collator.mask_ratio, ds.collator.patch_size) == (0.25, 4)
+    assert ds.collator._columns_in_id_order
+    if columns == "shuffled ids":
+        ids = ds.collator.gene_token_ids
+        ds.collator = dataclasses.replace(ds.collator, gene_token_ids=np.random.default_rng(0).permutation(ids))
+        assert not ds.collator._columns_in_id_order
     b = next(iter(ds))
     cfg = GRNFormerConfig.from_preset("debug", vocab_size=ds.reader.n_genes + 3, backbone="scpalm", patch_size=4)
     torch.manual_seed(0)

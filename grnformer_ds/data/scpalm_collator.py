@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .scgpt_collator import ScGPTCollator
+from .token_kernels import mask_patches
 
 
 @dataclass
@@ -30,6 +31,9 @@ class ScPaLMCollator(ScGPTCollator):
         super().__post_init__()
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        # store columns in token-id order (any vocabulary built by build_store.py): a cell's genes, which the
+        # collator writes in column order, are then in the model's canonical order already
+        self._columns_in_id_order = bool((np.diff(self.gene_token_ids) > 0).all())
 
     def genes_to_mask(self, kept: np.ndarray) -> np.ndarray:
         return np.zeros_like(kept)
@@ -41,27 +45,22 @@ class ScPaLMCollator(ScGPTCollator):
         n_genes = int(kept.sum())
         if n_genes == 0 or self.mask_ratio == 0:
             return
-        cell = np.repeat(np.arange(len(kept)), kept)
-        first = np.zeros(len(kept) + 1, np.int64)
-        np.cumsum(kept, out=first[1:])
-        pos = np.asarray(starts, np.int64)[cell] + 1 + (np.arange(n_genes) - first[cell])
-        order = np.lexsort((input_ids[pos], cell))  # by cell, then token id
-        rank = np.empty(n_genes, np.int64)
-        rank[order] = np.arange(n_genes) - first[cell[order]]
-        patch_of_gene = rank // self.patch_size
+        starts = np.asarray(starts, np.int64)
+        rank = np.empty(0, np.int64)
+        if not self._columns_in_id_order:  # rank each gene within its cell by token id
+            cell = np.repeat(np.arange(len(kept)), kept)
+            first = np.zeros(len(kept) + 1, np.int64)
+            np.cumsum(kept, out=first[1:])
+            pos = starts[cell] + 1 + (np.arange(n_genes) - first[cell])
+            order = np.lexsort((input_ids[pos], cell))  # by cell, then token id
+            rank = np.empty(n_genes, np.int64)
+            rank[order] = np.arange(n_genes) - first[cell[order]]
         n_patches = -(-kept // self.patch_size)
         patch_first = np.zeros(len(kept) + 1, np.int64)
         np.cumsum(n_patches, out=patch_first[1:])
         n_mask = (n_patches * self.mask_ratio).astype(np.int64)
         n_mask = np.where((n_mask == 0) & (n_patches > 1), 1, n_mask)
-        # a uniform per patch; each cell masks its n_mask patches with the smallest draws
+        # a uniform per patch; each cell masks its n_mask patches with the smallest draws (`mask_patches`)
         u = rng.random(int(patch_first[-1]))
-        patch_cell = np.repeat(np.arange(len(kept)), n_patches)
-        by_u = np.lexsort((u, patch_cell))
-        u_rank = np.empty_like(by_u)
-        u_rank[by_u] = np.arange(len(by_u)) - patch_first[patch_cell[by_u]]
-        masked_patch = u_rank < n_mask[patch_cell]
-        hit = masked_patch[patch_first[cell] + patch_of_gene]
-        sel = pos[hit]
-        labels[sel] = values[sel]
-        values[sel] = self.mask_value
+        mask_patches(starts, kept, rank, self.patch_size, n_mask, u, patch_first, np.float32(self.mask_value),
+                     values, labels)

@@ -114,3 +114,28 @@ def fill_scfoundation(indptr, cols, vals, state, gene_token_ids, pad_id, mask_va
             input_ids[k] = pad_id
             values[k] = pad_value
             slot_genes[k] = -1
+
+
+@numba.njit(cache=True, nogil=True)
+def mask_patches(starts, kept, rank, patch_size, n_mask, u, patch_first, mask_value, values, labels):
+    """scPaLM's patch masking in place: cell b's genes sit at ``starts[b] + 1 + g`` (g < kept[b]); gene g belongs to
+    patch ``rank[first_b + g] // patch_size`` (rank: its position in the cell's token-id order; an empty ``rank``
+    means the genes already arrive in that order: rank = g); the cell's n_mask[b] patches with the smallest
+    ``u[patch_first[b]:patch_first[b+1]]`` get every value hidden (label = value)."""
+    given = rank.shape[0] > 0
+    g0 = 0
+    for b in range(kept.shape[0]):
+        p0, p1 = patch_first[b], patch_first[b + 1]
+        if n_mask[b] > 0:
+            chosen = np.zeros(p1 - p0, dtype=np.bool_)
+            order = np.argsort(u[p0:p1])
+            for j in range(n_mask[b]):
+                chosen[order[j]] = True
+            base = starts[b] + 1
+            for g in range(kept[b]):
+                r = rank[g0 + g] if given else g
+                if chosen[r // patch_size]:
+                    t = base + g
+                    labels[t] = values[t]
+                    values[t] = mask_value
+        g0 += kept[b]

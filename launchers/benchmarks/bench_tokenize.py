@@ -1,4 +1,4 @@
-"""Tokenization throughput (cells per CPU-second) of the scGPT and scFoundation collators on ready batches.
+"""Tokenization throughput (cells per CPU-second) of the backbones' registered collators on ready batches.
 
 Reads ``--n-batches`` raw batches (`CellRows`) from an existing store once, then times only the collator calls with
 ``time.process_time()`` (CPU time: the machine may be shared). Run with OMP_NUM_THREADS=1::
@@ -20,23 +20,18 @@ def main() -> None:
     p.add_argument("--n-batches", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the batches (best is reported)")
     p.add_argument("--max-seq-len", type=int, default=1200)
-    p.add_argument("--backbones", nargs="+", default=["scgpt", "scfoundation"])
+    p.add_argument("--backbones", nargs="+", default=["scgpt", "scfoundation", "scpalm"])
     args = p.parse_args()
 
-    from grnformer_ds.data import StreamingCellDataset
-    from grnformer_ds.data.scfoundation_collator import ScFoundationCollator
-    from grnformer_ds.data.scgpt_collator import ScGPTCollator
+    from grnformer_ds.data import StreamingCellDataset, get_collator
 
     ds = StreamingCellDataset(args.store, batch_size=args.batch_size, seed=0, eval_fraction=0.0, graphs=False)
     plan = ds.plan()
     batches = [ds._rows(plan, plan.step_cells(s)) for s in range(args.n_batches)]
     n_cells = sum(len(r) for r in batches)
     nnz = sum(int(r.indptr[-1] - r.indptr[0]) for r in batches)
-    ids, pad = ds.reader.gene_token_ids, ds.reader.pad_id
-    collators = {
-        "scgpt": ScGPTCollator(ids, pad_id=pad, cls_id=ds.reader.cls_id, max_seq_len=args.max_seq_len),
-        "scfoundation": ScFoundationCollator(ids, pad_id=pad, max_seq_len=args.max_seq_len),
-    }
+    collators = {name: get_collator(name).for_store(ds.reader, max_seq_len=args.max_seq_len)
+                 for name in args.backbones}
     print(f"{len(batches)} batches x {args.batch_size} cells, {nnz / n_cells:.0f} nonzeros/cell")
     for name in args.backbones:
         collate = collators[name]
