@@ -193,9 +193,32 @@ class Backbone:
         raise ValueError(f"backbone {self.name!r} has no checkpoint importer")
 
     # ------------------------------------------------------------------ inputs
-    def dummy_batch(self, config, **kwargs) -> dict:
-        """A small random batch with this backbone's keys (`dummy_inputs.make_dummy_batch`)."""
-        raise NotImplementedError(f"backbone {self.name!r} defines no dummy batch")
+    def dummy_batch(self, config, gen, bsz, seqlen, n_genes, lengths, mask_ratio, first_gene_id, graphs,
+                    edges_per_cell) -> dict:
+        """A small random batch with this backbone's keys (`dummy_inputs.make_dummy_batch`); here scGPT's:
+        `<cls>` + binned gene values, masked slots at mask_value with a label (at least one per cell)."""
+        from .dummy_graphs import add_graphs
+
+        mask = torch.zeros(bsz, seqlen, dtype=torch.bool)
+        for b, n in enumerate(lengths):
+            mask[b, :n] = True
+        cols = torch.stack([torch.randperm(n_genes, generator=gen)[:seqlen] for _ in range(bsz)])
+        input_ids = cols + first_gene_id
+        input_ids[:, 0] = config.cls_token_id
+        values = torch.randint(1, config.n_bins, (bsz, seqlen), generator=gen).float()
+        values[:, 0] = 0.0
+        labels = torch.full((bsz, seqlen), -100.0)
+        is_masked = (torch.rand(bsz, seqlen, generator=gen) < mask_ratio) & mask
+        is_masked[:, 0] = False
+        is_masked[:, 1] = True  # at least one masked position per cell
+        labels[is_masked] = values[is_masked]
+        values[is_masked] = config.mask_value
+        input_ids[~mask] = config.pad_token_id
+        values[~mask] = config.pad_value
+        batch = dict(input_ids=input_ids, values=values, attention_mask=mask, labels=labels)
+        if graphs:
+            add_graphs(batch, gen, mask, self.lead_slots, edges_per_cell)
+        return batch
 
 
 def register_backbone(cls: type[Backbone]) -> type[Backbone]:

@@ -54,7 +54,6 @@ from torch import nn
 
 from .attention import PackedSequences
 from .backbone_base import Backbone, register_backbone
-from .backbone_scgpt import ScGPTBackbone
 from .layout import Embedded, keys_without_lead, packed_token_cells
 from .losses import IGNORE_INDEX, masked_mse_loss
 
@@ -325,5 +324,3 @@ class ScPaLMBackbone(Backbone):
         anchor = F.normalize(lm.contrast_proj(head_out["token_states"][rows]).float(), dim=-1)
         logits = anchor @ F.normalize(target.float(), dim=-1).t() / lm.config.contrastive_temperature
         return F.cross_entropy(logits, torch.arange(rows.shape[0], device=logits.device))
-
-    dummy_batch = ScGPTBackbone.dummy_batch  # scGPT's inputs: the patches are made in `embed`
