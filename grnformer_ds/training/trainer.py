@@ -322,7 +322,8 @@ class Trainer:
         return {"loss_sum": loss_sum, "n": done, "cells": cells, "tokens": tokens, "nonpad": nonpad,
                 "pairs": pairs, "decoder_tokens": dec_tokens, "encoder_tokens": enc_tokens, "skipped": skipped,
                 "time": time.perf_counter() - t0, "data_time": t_data, "digest": digest.hexdigest()[:16],
-                "reported": {k: float(v) for k, v in sorted(reported.items())}}
+                "reported": dict(zip(sorted(reported), torch.stack([reported[k] for k in sorted(reported)]).tolist()))
+                if reported else {}}
 
     def _log(self, r: dict[str, float], eval_loss: float | None, bar) -> dict[str, float]:
         loss_sum, n, cells, tokens, nonpad, pairs, dec_tokens, enc_tokens = _reduce_sum(
