@@ -251,7 +251,8 @@ def test_scfoundation_pooling_and_decoder_inputs():
     mean = (h * m).sum(1) / m.sum(1)
     mx = h.masked_fill(~m, float("-inf")).max(1).values
     torch.testing.assert_close(enc.cell_embedding, torch.cat([tc[:, 1], tc[:, 0], mx, mean], -1))
-    # decoder input: encoder state at each encoder gene's column, value embedding elsewhere, + gene identity
+    # decoder input: encoder state at each encoder gene's column, value embedding elsewhere, + gene identity; then
+    # T and S (encoder state + their identity embedding), as scFoundation's decoder sequence
     dec_in = seen["dec_in"]
     gm = model.grnformer
     gene_id_emb = gm.gene_encoder(batch["decoder_input_ids"])
@@ -260,7 +261,8 @@ def test_scfoundation_pooling_and_decoder_inputs():
     for b in range(mask.shape[0]):
         for l in range(int(mask[b].sum())):
             expected[b, int(batch["input_ids"][b, l]) - 3] = h[b, l]
-    torch.testing.assert_close(dec_in, expected + gene_id_emb, atol=1e-6, rtol=1e-6)
+    ts = tc + gm.total_count_embeddings.weight
+    torch.testing.assert_close(dec_in, torch.cat([expected + gene_id_emb, ts], 1), atol=1e-6, rtol=1e-6)
 
 
 def test_structure_encoder_can_be_built_after_construction():

@@ -541,6 +541,48 @@ def test_init_from_through_the_card_command(demo_cache, tmp_path, ranks):
     assert len(same) == (len(backbone) if ranks == 2 else 0), (len(same), len(backbone))
 
 
+def test_init_from_an_scfoundation_import_with_its_own_store(demo_cache, tmp_path):
+    """scFoundation's path end to end on 2 CPU ranks (ZeRO-3): a models.ckpt (Performer decoder) whose genes are the
+    demo genes and a few others -> import -> a store built on its vocabulary (build_store --gene-vocab) + GRN assets
+    -> `--init-from` for a few steps (finite losses) -> the export reloads with the GRN parts, the Performer decoder
+    and the checkpoint's projection matrices (buffers: ZeRO-3 does not partition them, training does not redraw
+    them)."""
+    from safetensors.torch import load_file
+    from scfoundation_reference import make_maeautobin, scfoundation_config, write_gene_list, write_models_ckpt
+
+    from grnformer_ds.grn.demo import ensure_demo_grn
+    from grnformer_ds.store.demo import build_demo_store
+    from grnformer_ds.store.vocab import vocab_genes
+    from grnformer_ds.training.importing import import_checkpoint
+
+    genes = vocab_genes(json.load(open(os.path.join(demo_cache, "demo_store", "vocab.json"))))
+    genes = [f"NOTINDATA{i}" for i in range(5)] + genes[::-1]  # another order, and genes the data lacks
+    config = scfoundation_config(len(genes), "performer", hidden=32, depth=2, heads=4, dec_hidden=16, dec_depth=1,
+                                 dec_heads=2)
+    ckpt = write_models_ckpt(tmp_path / "models.ckpt", {"cell": (make_maeautobin(config), config)})
+    hf = import_checkpoint("scfoundation", ckpt, str(tmp_path / "hf"), say=lambda line: None,
+                           gene_list=write_gene_list(tmp_path / "genes.tsv", genes))
+    store = str(tmp_path / "store")
+    build_demo_store(store, progress=False, gene_vocab=os.path.join(hf, "vocab.json"))
+    ensure_demo_grn(store, log=lambda line: None)
+    out = str(tmp_path / "run")
+    p = _run(["--deepspeed_config", CFG["zero3"], "--data", store, "--output-dir", out, "--init-from", hf,
+              "--max-steps", "3", "--eval-every", "3", "--save-every", "3", "--no-progress",
+              "--mlflow-tracking-uri", "none"], ranks=2)
+    assert "backbone scfoundation" in p.stdout and "beta = 0" in p.stdout, p.stdout
+    m = _metrics(out)
+    assert [x["step"] for x in m] == [1, 2, 3] and all(np.isfinite(x["loss"]) for x in m)
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(os.path.join(out, "hf_model"), trust_remote_code=True)
+    assert model.config.use_graph and model.config.decoder_attention == "performer"
+    start, end = load_file(os.path.join(hf, "model.safetensors")), load_file(
+        os.path.join(out, "hf_model", "model.safetensors"))
+    projections = [k for k in start if k.endswith("projection_matrix")]
+    assert projections and all(torch.equal(start[k], end[k]) for k in projections)
+    assert not torch.equal(start["decoder.to_final.weight"], end["decoder.to_final.weight"])  # it trained
+
+
 def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
     cfg = _bad(tmp_path, "ds.json", '{"zero_optimization": {"stage": 3,}}')
     p = subprocess.run(_cmd(["--deepspeed_config", cfg, "--output-dir", str(tmp_path / "run")], launcher=False),

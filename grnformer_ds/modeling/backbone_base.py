@@ -187,8 +187,10 @@ class Backbone:
         return slots
 
     # ------------------------------------------------------------------ other projects' checkpoints
-    def import_checkpoint(self, path: str, variant: str | None = None) -> ImportedCheckpoint:
-        """Read a checkpoint written by this backbone's reference project and map it onto our names. Errors are
+    def import_checkpoint(self, path: str, variant: str | None = None,
+                          gene_list: str | None = None) -> ImportedCheckpoint:
+        """Read a checkpoint written by this backbone's reference project and map it onto our names. `variant`: which
+        model of a multi-model file; `gene_list`: the gene order, for formats that do not store it. Errors are
         one-line `ValueError` / `FileNotFoundError` naming the file and the problem."""
         raise ValueError(f"backbone {self.name!r} has no checkpoint importer")
 

@@ -1,10 +1,12 @@
 """The scFoundation-style backbone (xTrimoGene; Hao et al., Nat Methods 2024).
 
 Encoder over the nonzero, unmasked genes only (no `<cls>`) plus two total-count tokens T and S, auto-discretization
-value embedding added to a plain gene embedding (its "pos_emb", no norm), a LayerNorm after the encoder; head = a
-transformer decoder over all G genes of the store, whose input is every gene's value embedding with the encoder
-states written at the encoder genes' columns, plus every gene's identity embedding. Cell embedding "all" =
-concat(S state, T state, max-pool, mean-pool over the genes) as scFoundation's get_embedding (4 x hidden).
+value embedding added to a plain gene embedding (its "pos_emb", no norm), a LayerNorm after the encoder; head =
+scFoundation's decoder over all G genes of the store and the T / S tokens, whose input is every gene's value embedding
+with the encoder states written at the encoder genes' columns (and T / S's encoder states), plus every token's
+identity embedding; its layers are pre-norm with FAVOR+ (`decoder_attention="performer"`, scFoundation's) or exact
+attention (`heads.ScFoundationDecoder`). Cell embedding "all" = concat(S state, T state, max-pool, mean-pool over the
+genes) as scFoundation's get_embedding (4 x hidden). `import_checkpoint` reads scFoundation's `models.ckpt`.
 
 Layouts: padded, the encoder input is (B, L) genes and the T / S tokens are put first here (the encoder has no
 positional order, so this equals scFoundation's appending them, and keeps the genes at fixed slots 2..L+1); packed,
@@ -13,20 +15,28 @@ are masked in the fusion. Tokenization: `grnformer_ds.data.scfoundation_collator
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import initialization as init
 
-from .backbone_base import Backbone, register_backbone
+from .backbone_base import Backbone, ImportedCheckpoint, register_backbone
 from .dummy_graphs import add_graphs
 from .embeddings import AutoDiscretizationEncoder, GeneEncoder, build_value_encoder
 from .layout import Embedded, keys_without_lead, pool_packed, pool_padded
+from .performer import PerformerAttention
 
 
 @register_backbone
 class ScFoundationBackbone(Backbone):
     name = "scfoundation"
-    defaults = {"value_encoding": "autobin", "final_layer_norm": True, "cell_embedding_pooling": "all"}
+    # decoder_*: scFoundation's decoder is performer-pytorch's pre-norm GELU stack; decoder_attention "exact" for a
+    # new model, "performer" (FAVOR+, decoder_performer_features random features, None = int(d ln d)) for an import
+    defaults = {"value_encoding": "autobin", "final_layer_norm": True, "cell_embedding_pooling": "all",
+                "decoder_norm_first": True, "decoder_hidden_act": "gelu", "decoder_attention": "exact",
+                "decoder_performer_features": None}
+    decoder_attentions = ("exact", "performer")
     poolings = ("all", "max", "mean")
     lead_slots = 2
     model_inputs = ("total_counts",)
@@ -37,6 +47,9 @@ class ScFoundationBackbone(Backbone):
         if config.decoder_hidden_size % config.decoder_num_attention_heads:
             raise ValueError(f"GRNFormerConfig: decoder_hidden_size={config.decoder_hidden_size} is not divisible by "
                              f"decoder_num_attention_heads={config.decoder_num_attention_heads}")
+        if config.decoder_attention not in self.decoder_attentions:
+            raise ValueError(f"GRNFormerConfig: decoder_attention={config.decoder_attention!r} is not one of "
+                             f"{list(self.decoder_attentions)}")
 
     def build_embeddings(self, model, config) -> None:
         # scFoundation's gene identity embedding is a plain embedding (its "pos_emb"); scGPT normalises it
@@ -55,6 +68,9 @@ class ScFoundationBackbone(Backbone):
         if isinstance(module, AutoDiscretizationEncoder):
             init.normal_(module.mask_embedding, mean=0.0, std=config.initializer_range)
             init.normal_(module.pad_embedding, mean=0.0, std=config.initializer_range)
+            return True
+        if isinstance(module, PerformerAttention):
+            init.copy_(module.projection_matrix, module.draw_projection())
             return True
         return False
 
@@ -161,8 +177,17 @@ class ScFoundationBackbone(Backbone):
             flat = (states.reshape(bsz * seqlen, -1), input_ids.reshape(-1), cells,
                     emb.extras["input_mask"].reshape(-1))
         dec_in = self.decoder_inputs(lm, *flat, decoder_values, decoder_input_ids)
-        predictions, gene_embeddings = lm.decoder(dec_in)
-        return {"predictions": predictions, "gene_embeddings": gene_embeddings}
+        # T and S join the decoder's tokens as in scFoundation (they are in its encoder_labels): encoder state +
+        # identity embedding; their predictions are not returned (no label)
+        ts = enc.total_count_states + lm.grnformer.total_count_embeddings.weight.unsqueeze(0)
+        predictions, decoder_states = lm.decoder(torch.cat([dec_in, ts.to(dec_in.dtype)], dim=1))
+        n_genes = decoder_values.shape[1]
+        return {"predictions": predictions[:, :n_genes], "gene_embeddings": decoder_states[:, :n_genes]}
+
+    # ------------------------------------------------------------------ other projects' checkpoints
+    def import_checkpoint(self, path: str, variant: str | None = None, gene_list: str | None = None):
+        """scFoundation's `models.ckpt` (`import_scfoundation`)."""
+        return import_scfoundation(path, variant, gene_list)
 
     # ------------------------------------------------------------------ inputs
     def dummy_batch(self, config, gen, bsz, seqlen, n_genes, lengths, mask_ratio, first_gene_id, graphs,
@@ -196,3 +221,255 @@ class ScFoundationBackbone(Backbone):
         if graphs:
             add_graphs(batch, gen, mask, 0, edges_per_cell)
         return batch
+
+
+# ----------------------------------------------------------------------------------------------- scFoundation files
+# `models.ckpt` (BioMap's release) holds several fine-tuned copies of the 100M model, each {config, state_dict} with
+# "model."-prefixed MaeAutobin keys: "cell" (cell embeddings; the default here), "gene" (gene embeddings), "rde"
+# (read-depth enhancement). A file with config / state_dict at the top (one model) is read too.
+SCFOUNDATION_VARIANTS = ("cell", "gene", "rde")
+SCFOUNDATION_GENE_FILE = "OS_scRNA_gene_index.19264.tsv"  # the gene order of pos_emb, shipped beside the model code
+_GENE_LIST_HINT = (f"pass --gene-list {SCFOUNDATION_GENE_FILE} (in scFoundation's repository under model/, and in "
+                   f"the omicverse wheel under omicverse/llm/scfoundation/)")
+
+# MaeAutobin names -> ours. The encoder is torch's TransformerEncoderLayer stack (in_proj = q; k; v rows); the
+# decoder is performer-pytorch's (layers.{i}.0 = PreLayerNorm(SelfAttention), layers.{i}.1 =
+# PreLayerNorm(Chunk(FeedForward))) or, in some configs, the same torch stack as the encoder.
+_SCF_DIRECT = {
+    "token_emb.mlp.weight": "grnformer.value_encoder.mlp1.weight",
+    "token_emb.mlp.bias": "grnformer.value_encoder.mlp1.bias",
+    "token_emb.mlp2.weight": "grnformer.value_encoder.mlp2.weight",
+    "token_emb.mlp2.bias": "grnformer.value_encoder.mlp2.bias",
+    "token_emb.emb.weight": "grnformer.value_encoder.bin_embeddings.weight",
+    "decoder_embed.weight": "decoder.embed.weight",
+    "decoder_embed.bias": "decoder.embed.bias",
+    "norm.weight": "decoder.norm.weight",
+    "norm.bias": "decoder.norm.bias",
+    "to_final.weight": "decoder.to_final.weight",
+    "to_final.bias": "decoder.to_final.bias",
+}
+_TORCH_LAYER = {"self_attn.out_proj.": "self_attn.o_proj.", "linear1.": "ffn.linear1.", "linear2.": "ffn.linear2.",
+                "norm1.": "norm1.", "norm2.": "norm2."}
+_PERFORMER_LAYER = {"0.norm.": "norm1.", "0.fn.to_q.": "self_attn.q_proj.", "0.fn.to_k.": "self_attn.k_proj.",
+                    "0.fn.to_v.": "self_attn.v_proj.", "0.fn.to_out.": "self_attn.o_proj.",
+                    "0.fn.fast_attention.projection_matrix": "self_attn.projection_matrix",
+                    "1.norm.": "norm2.", "1.fn.fn.w1.": "ffn.linear1.", "1.fn.fn.w2.": "ffn.linear2."}
+
+
+def _map_torch_layer(rest: str, value: torch.Tensor, base: str, ours: dict) -> bool:
+    """One key of a torch TransformerEncoderLayer (`rest` after the layer index) -> ours under `base`."""
+    if rest in ("self_attn.in_proj_weight", "self_attn.in_proj_bias"):
+        kind = "weight" if rest.endswith("weight") else "bias"
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            ours[f"{base}self_attn.{name}.{kind}"] = part.clone()
+        return True
+    for theirs, mine in _TORCH_LAYER.items():
+        if rest.startswith(theirs):
+            ours[base + mine + rest[len(theirs):]] = value
+            return True
+    return False
+
+
+def map_scfoundation_state_dict(state: dict) -> tuple[dict, list[str], str]:
+    """MaeAutobin state dict (with or without the "model." prefix) -> (ours without the gene / T / S embeddings,
+    unused keys, decoder kind "performer" | "transformer"). pos_emb and the mask / pad embeddings are left to the
+    caller (they need the gene count). Raises ValueError on an unknown layout."""
+    ours, unused, decoder = {}, [], None
+    for key, value in state.items():
+        key = key.removeprefix("model.")
+        if key in _SCF_DIRECT:
+            ours[_SCF_DIRECT[key]] = value
+        elif key.startswith("encoder.transformer_encoder."):
+            i, rest = key[len("encoder.transformer_encoder."):].split(".", 1)
+            if not _map_torch_layer(rest, value, f"grnformer.layers.{i}.", ours):
+                unused.append(key)
+        elif key.startswith("encoder.norm."):
+            ours["grnformer.final_norm." + key[len("encoder.norm."):]] = value
+        elif key.startswith("encoder.performer."):
+            raise ValueError("has a Performer encoder (encoder.performer.*); only scFoundation's transformer "
+                             "encoder (encoder.transformer_encoder.*) is supported")
+        elif key.startswith("decoder.performer.net.layers."):
+            decoder = "performer"
+            i, rest = key[len("decoder.performer.net.layers."):].split(".", 1)
+            for theirs, mine in _PERFORMER_LAYER.items():
+                if rest.startswith(theirs):
+                    ours[f"decoder.layers.{i}.{mine}{rest[len(theirs):]}"] = value
+                    break
+            else:
+                unused.append(key)
+        elif key.startswith("decoder.transformer_encoder."):
+            decoder = "transformer"
+            i, rest = key[len("decoder.transformer_encoder."):].split(".", 1)
+            if not _map_torch_layer(rest, value, f"decoder.layers.{i}.", ours):
+                unused.append(key)
+        elif key.startswith("decoder.norm."):  # the decoder stack's own final norm (PerformerModule.norm)
+            ours["decoder.layers_norm." + key[len("decoder.norm."):]] = value
+        elif key.endswith("calls_since_last_redraw"):
+            pass  # performer-pytorch's redraw counter: training state, no weight
+        elif key not in ("pos_emb.weight", "token_emb.emb_mask.weight", "token_emb.emb_pad.weight"):
+            unused.append(key)
+    needed = ("token_emb.emb.weight", "pos_emb.weight", "encoder.transformer_encoder.0.linear1.weight")
+    present = {k.removeprefix("model.") for k in state}
+    lacking = [k for k in needed if k not in present]
+    if lacking or decoder is None:
+        raise ValueError("not an scFoundation MaeAutobin state dict (no " + (lacking[0] if lacking else
+                         "decoder.performer.* or decoder.transformer_encoder.* weights") + ")")
+    return ours, unused, decoder
+
+
+def _read_models_ckpt(path: str, variant: str | None) -> tuple[dict, dict, str]:
+    """(config, state_dict, "path [variant]") of one model of a models.ckpt."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (scFoundation's models.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: one line, whatever torch raised
+        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not an scFoundation checkpoint (expected a dict, got {type(ckpt).__name__})")
+    models = [k for k in SCFOUNDATION_VARIANTS if isinstance(ckpt.get(k), dict)]
+    source = path
+    if models:
+        chosen = variant or ("cell" if "cell" in models else models[0])
+        if chosen not in models:
+            raise ValueError(f"{path}: has no {chosen!r} model (--variant one of {models})")
+        entry, source = ckpt[chosen], f"{path} [{chosen}]"
+    elif variant is not None:
+        raise ValueError(f"{path}: --variant {variant}: this checkpoint holds one model (no "
+                         f"{list(SCFOUNDATION_VARIANTS)} entries)")
+    else:
+        entry = ckpt
+    config = entry.get("config", entry.get("configs"))
+    state = entry.get("state_dict", entry.get("model_state_dict"))
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise ValueError(f"{source}: not an scFoundation checkpoint (expected config and state_dict entries, found "
+                         f"{sorted(map(str, entry))[:6]})")
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source}: state_dict is not parameter name -> tensor")
+    return config, state, source
+
+
+def _model_config(config: dict, source: str) -> dict:
+    """scFoundation's config, nested (model, model_config.<model>, dataset_config.rnaseq) or flat -> one flat dict,
+    as its own loader (`convertconfig`) merges it."""
+    flat = dict(config)
+    model = config.get("model", config.get("model_type", "mae_autobin"))
+    if isinstance(config.get("model_config"), dict):
+        flat.update(config["model_config"].get(model, {}))
+    rnaseq = (config.get("dataset_config") or {}).get("rnaseq") if isinstance(config.get("dataset_config"), dict) \
+        else None
+    if isinstance(rnaseq, dict):
+        flat.update(rnaseq)
+    if model != "mae_autobin":
+        raise ValueError(f"{source}: model {model!r} is not scFoundation's mae_autobin")
+    for part in ("encoder", "decoder"):
+        if not isinstance(flat.get(part), dict):
+            raise ValueError(f"{source}: config has no {part} section (hidden_dim, depth, heads, module_type)")
+    return flat
+
+
+def read_gene_list(path: str) -> list[str]:
+    """scFoundation's gene order: its TSV (gene_name, index columns) or one gene per line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (the checkpoint's gene order; {_GENE_LIST_HINT})")
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln.rstrip("\n\r") for ln in fh if ln.strip()]
+    header = lines[0].split("\t") if lines else []
+    if "gene_name" in header:
+        col = header.index("gene_name")
+        rows = [ln.split("\t") for ln in lines[1:]]
+        if "index" in header:
+            idx = header.index("index")
+            try:
+                rows.sort(key=lambda r: int(r[idx]))
+            except (ValueError, IndexError):
+                raise ValueError(f"{path}: the index column is not all integers") from None
+        genes = [r[col].strip() for r in rows]
+    else:
+        genes = [ln.strip() for ln in lines]
+    seen: set[str] = set()
+    for gene in genes:
+        if gene in seen:
+            raise ValueError(f"{path}: gene {gene!r} is listed twice")
+        seen.add(gene)
+    return genes
+
+
+def import_scfoundation(path: str, variant: str | None = None, gene_list: str | None = None) -> ImportedCheckpoint:
+    """scFoundation's models.ckpt (+ its gene order) -> `ImportedCheckpoint`.
+
+    Vocabulary: the G genes in pos_emb order (ids 0..G-1), then `<pad>` (pos_emb's padding row) and `<cls>` (not
+    used by this backbone; a zero row). pos_emb rows G, G+1 (T, S) become `total_count_embeddings`."""
+    config, state, source = _read_models_ckpt(path, variant)
+    cfg = _model_config(config, source)
+    try:
+        ours, unused, decoder = map_scfoundation_state_dict(state)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    pos = state["pos_emb.weight"]
+    hidden = pos.shape[1]
+    seq_len = int(cfg.get("seq_len", pos.shape[0] - 1))
+    if pos.shape[0] != seq_len + 1:
+        raise ValueError(f"{source}: config seq_len={seq_len} but pos_emb.weight has {pos.shape[0]} rows (expected "
+                         f"seq_len + 1)")
+    n_genes = seq_len - 2  # the genes, then T and S
+    gene_file = gene_list or os.path.join(os.path.dirname(os.path.abspath(path)), SCFOUNDATION_GENE_FILE)
+    if gene_list is None and not os.path.isfile(gene_file):
+        raise FileNotFoundError(f"{gene_file}: missing (the checkpoint's gene order); {_GENE_LIST_HINT}")
+    genes = read_gene_list(gene_file)
+    if len(genes) != n_genes:
+        raise ValueError(f"{gene_file}: lists {len(genes):,} genes but {source} has {n_genes:,} gene positions "
+                         f"(seq_len {seq_len} = genes + T + S)")
+    ours["grnformer.gene_encoder.embedding.weight"] = torch.cat(
+        [pos[:n_genes], pos[seq_len:seq_len + 1], pos.new_zeros(1, hidden)])  # genes, <pad>, <cls>
+    ours["grnformer.total_count_embeddings.weight"] = pos[n_genes:seq_len].clone()
+    for theirs, mine in (("token_emb.emb_mask.weight", "mask_embedding"), ("token_emb.emb_pad.weight",
+                                                                          "pad_embedding")):
+        if theirs not in state:
+            raise ValueError(f"{source}: not an scFoundation MaeAutobin state dict (no {theirs})")
+        ours[f"grnformer.value_encoder.{mine}"] = state[theirs].reshape(-1)
+
+    enc, dec = cfg["encoder"], cfg["decoder"]
+    enc_layers = 1 + max(int(k.split(".")[2]) for k in ours if k.startswith("grnformer.layers."))
+    dec_layers = 1 + max(int(k.split(".")[2]) for k in ours if k.startswith("decoder.layers."))
+    for part, sub, n in (("encoder", enc, enc_layers), ("decoder", dec, dec_layers)):
+        if "depth" in sub and int(sub["depth"]) != n:
+            raise ValueError(f"{source}: config {part}.depth={sub['depth']} but the weights have {n} {part} layers")
+        if str(sub.get("module_type", "transformer" if part == "encoder" else decoder)) != \
+                ("transformer" if part == "encoder" else decoder):
+            raise ValueError(f"{source}: config {part}.module_type={sub.get('module_type')!r} does not match the "
+                             f"weights")
+    dec_hidden = ours["decoder.embed.weight"].shape[0]
+    if "hidden_dim" in dec and int(dec["hidden_dim"]) != dec_hidden:
+        raise ValueError(f"{source}: config decoder.hidden_dim={dec['hidden_dim']} but decoder_embed has width "
+                         f"{dec_hidden}")
+    if "hidden_dim" in enc and int(enc["hidden_dim"]) != hidden:
+        raise ValueError(f"{source}: config encoder.hidden_dim={enc['hidden_dim']} but pos_emb has width {hidden}")
+    dec_heads = int(dec.get("heads", 8))
+    if decoder == "performer" and dec_heads * int(dec.get("dim_head", dec_hidden // dec_heads)) != dec_hidden:
+        raise ValueError(f"{source}: decoder heads x dim_head = {dec_heads} x {dec.get('dim_head')} is not its "
+                         f"width {dec_hidden} (only that layout is supported)")
+    projection = ours.get("decoder.layers.0.self_attn.projection_matrix")
+    vocab = {g: i for i, g in enumerate(genes)}
+    vocab.update({"<pad>": n_genes, "<cls>": n_genes + 1})
+    out = {
+        "vocab_size": n_genes + 2, "hidden_size": hidden, "num_hidden_layers": enc_layers,
+        "num_attention_heads": int(enc.get("heads", 12)),
+        "intermediate_size": int(ours["grnformer.layers.0.ffn.linear1.weight"].shape[0]),
+        "hidden_act": "relu", "norm_first": False, "final_layer_norm": True, "layer_norm_eps": 1e-5,
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,  # torch's TransformerEncoderLayer default
+        "pad_token_id": n_genes, "cls_token_id": n_genes + 1, "value_encoding": "autobin",
+        "autobin_num_bins": int(ours["grnformer.value_encoder.bin_embeddings.weight"].shape[0]),
+        "autobin_alpha": float(cfg.get("bin_alpha", 1.0)),
+        "mask_value": float(cfg.get("mask_token_id", 102)), "pad_value": float(cfg.get("pad_token_id", 103)),
+        "cell_embedding_pooling": "all",
+        "decoder_hidden_size": dec_hidden, "decoder_num_hidden_layers": dec_layers,
+        "decoder_num_attention_heads": dec_heads,
+        "decoder_intermediate_size": int(ours["decoder.layers.0.ffn.linear1.weight"].shape[0]),
+        "decoder_attention": "performer" if decoder == "performer" else "exact",
+        "decoder_norm_first": decoder == "performer",
+        "decoder_hidden_act": "gelu" if decoder == "performer" else "relu",
+        "decoder_performer_features": None if projection is None else int(projection.shape[0]),
+    }
+    return ImportedCheckpoint(config=out, state_dict=ours, vocab=vocab, unused=unused, source=source)

@@ -18,10 +18,12 @@ class ScGPTBackbone(Backbone):
     name = "scgpt"
     uses_mvc = True
 
-    def import_checkpoint(self, path: str, variant: str | None = None):
+    def import_checkpoint(self, path: str, variant: str | None = None, gene_list: str | None = None):
         """scGPT's checkpoint folder (best_model.pt, args.json, vocab.json; `import_scgpt`)."""
         if variant is not None:
             raise ValueError(f"--variant {variant!r}: scGPT checkpoints have no variants")
+        if gene_list is not None:
+            raise ValueError("--gene-list: an scGPT checkpoint folder has its own vocab.json")
         return import_scgpt(path)
 
 

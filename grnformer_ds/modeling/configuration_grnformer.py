@@ -53,6 +53,10 @@ class GRNFormerConfig(PretrainedConfig):
             loss (scgpt only).
     scFoundation decoder:
         decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads, decoder_intermediate_size.
+        The scfoundation backbone adds (its `defaults`): decoder_norm_first (True: pre-norm layers, as scFoundation's
+        Performer stack), decoder_hidden_act ("gelu"), decoder_attention ("exact" through the attention dispatch, or
+        "performer": FAVOR+ as scFoundation, linear in the genes; what an imported models.ckpt uses),
+        decoder_performer_features (random features per head, None = int(d ln d)).
         cell_embedding_pooling (`str`, None): "cls" (scgpt), "all" = concat(S token, T token, max, mean) as
             scFoundation's get_embedding (4 x hidden), "max", "mean"; each backbone lists the ones it supports.
             None = backbone default.

@@ -2,9 +2,11 @@
 
 - `ExprDecoder` (scGPT): Linear(H, H) -> LeakyReLU -> Linear(H, H) -> LeakyReLU -> Linear(H, 1), per token.
 - `MVCDecoder` (scGPT's GEPC, "inner product" style): query = sigmoid(Linear(gene_emb)); value = <W query, cell_emb>.
-- `ScFoundationDecoder` (xTrimoGene): Linear(H_enc, H_dec) -> transformer layers over all genes -> LayerNorm ->
-  Linear(H_dec, 1). scFoundation uses a Performer decoder; this one uses exact attention through the same dispatch
-  (flash-attn varlen keeps it affordable on a GPU).
+- `ScFoundationDecoder` (xTrimoGene): Linear(H_enc, H_dec) -> layers over all genes and the T / S tokens ->
+  LayerNorm (the layer stack's own) -> LayerNorm -> Linear(H_dec, 1), as scFoundation's MaeAutobin with its
+  PerformerModule. Layers: pre-norm, GELU FFN, and either FAVOR+ attention (`decoder_attention="performer"`,
+  scFoundation's, linear in the number of genes; `performer.py`) or exact attention through the model's attention
+  dispatch (`"exact"`, the default for a new model; flash-attn varlen keeps it affordable on a GPU).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from .layers import build_layers
+from .performer import PerformerAttention
 
 
 class ExprDecoder(nn.Module):
@@ -48,16 +51,23 @@ class MVCDecoder(nn.Module):
 class ScFoundationDecoder(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
-        self.layers = build_layers(config, config.decoder_num_hidden_layers, config.decoder_hidden_size,
-                                   config.decoder_num_attention_heads, config.decoder_intermediate_size)
-        self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
-        self.to_final = nn.Linear(config.decoder_hidden_size, 1)
+        hidden, heads = config.decoder_hidden_size, config.decoder_num_attention_heads
+        attention = None
+        if config.decoder_attention == "performer":
+            def attention():
+                return PerformerAttention(hidden, heads, config.decoder_performer_features)
+        self.embed = nn.Linear(config.hidden_size, hidden)
+        self.layers = build_layers(config, config.decoder_num_hidden_layers, hidden, heads,
+                                   config.decoder_intermediate_size, norm_first=config.decoder_norm_first,
+                                   hidden_act=config.decoder_hidden_act, attention=attention)
+        self.layers_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)  # the layer stack's (PerformerModule.norm)
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)  # MaeAutobin.norm, before the output projection
+        self.to_final = nn.Linear(hidden, 1)
 
     def forward(self, decoder_inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """(B, G, H_enc) -> predictions (B, G), decoder states (B, G, H_dec)."""
+        """(B, N, H_enc) -> predictions (B, N), decoder states (B, N, H_dec); N = the genes + T and S."""
         x = self.embed(decoder_inputs)
         for layer in self.layers:
             x = layer(x, attention_mask=attention_mask)
-        x = self.norm(x)
+        x = self.norm(self.layers_norm(x))
         return self.to_final(x).squeeze(-1), x

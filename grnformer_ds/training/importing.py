@@ -14,13 +14,13 @@ import torch
 from grnformer_ds.errors import UserInputError
 
 
-def build_imported_model(backbone: str, path: str, variant: str | None = None):
+def build_imported_model(backbone: str, path: str, variant: str | None = None, gene_list: str | None = None):
     """(GRNFormerForMaskedLM with the checkpoint's weights, ImportedCheckpoint). One-line `UserInputError`s."""
     from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForMaskedLM, get_backbone
 
     try:
         spec = get_backbone(backbone)
-        ckpt = spec.import_checkpoint(path, variant)
+        ckpt = spec.import_checkpoint(path, variant, gene_list)
     except (ValueError, FileNotFoundError) as exc:
         raise UserInputError(" ".join(str(exc).split())) from None
     try:
@@ -42,12 +42,12 @@ def build_imported_model(backbone: str, path: str, variant: str | None = None):
 
 
 def import_checkpoint(backbone: str, path: str, out: str, variant: str | None = None,
-                      say: Callable[[str], None] = print) -> str:
+                      say: Callable[[str], None] = print, gene_list: str | None = None) -> str:
     """Write `out`: safetensors, config.json with auto_map, the modeling code, vocab.json (the checkpoint's)."""
     from grnformer_ds.training.export import save_hf_folder
 
     t0 = time.time()
-    model, ckpt = build_imported_model(backbone, path, variant)
+    model, ckpt = build_imported_model(backbone, path, variant, gene_list)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"read {ckpt.source}: {n_params / 1e6:.2f}M parameters, {model.config.num_hidden_layers} layers x "
         f"{model.config.hidden_size}, vocabulary of {len(ckpt.vocab):,} tokens")

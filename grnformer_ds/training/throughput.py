@@ -6,7 +6,9 @@ attend to each other, per attention layer, for QK^T and AV):
 
 * encoder: the encoder layers and the fusion adapter on the cells' tokens; attention pairs = sum over cells of
   length^2 (what varlen kernels compute; a padded batch computes more, which MFU does not credit);
-* scFoundation's decoder: its layers on the B x G decoder tokens, G^2 pairs per cell.
+* scFoundation's decoder: its layers on the B x (G + 2) decoder tokens (the genes, T and S), (G + 2)^2 pairs per cell
+  with exact attention; with FAVOR+ (`decoder_attention="performer"`) no pairs but 8 * m * d per token and layer (the
+  q and k features, phi(k)^T v and phi(q) times it; m random features).
 
 Embedding tables (lookups, no matmul), the GNN (message passing over ~2 edges per token) and the small heads are not
 counted. Padding, dummy segments and `<pad>` slots are never counted.
@@ -95,6 +97,9 @@ def flops_profile(model: torch.nn.Module) -> dict[str, int]:
     if decoder is not None:
         out.update(decoder_params=_numel(decoder.layers), decoder_layers=len(decoder.layers),
                    d_decoder=cfg.decoder_hidden_size)
+        features = [getattr(layer.self_attn, "num_features", 0) for layer in decoder.layers]
+        if any(features):
+            out["decoder_features"] = features[0]
     return out
 
 
@@ -104,9 +109,13 @@ def train_flops(profile: dict[str, int], counts: BatchCounts) -> float:
     fwd = 2.0 * profile["encoder_params"] * encoder_tokens
     fwd += 4.0 * profile["encoder_attn_layers"] * profile["d_model"] * counts.attention_pairs
     if profile.get("decoder_layers") and counts.decoder_tokens:
-        genes = counts.decoder_tokens / max(counts.cells, 1)
-        fwd += 2.0 * profile["decoder_params"] * counts.decoder_tokens
-        fwd += 4.0 * profile["decoder_layers"] * profile["d_decoder"] * counts.cells * genes ** 2
+        tokens = counts.decoder_tokens + 2 * counts.cells  # + T and S
+        per_cell = tokens / max(counts.cells, 1)
+        fwd += 2.0 * profile["decoder_params"] * tokens
+        if profile.get("decoder_features"):
+            fwd += 8.0 * profile["decoder_layers"] * profile["decoder_features"] * profile["d_decoder"] * tokens
+        else:
+            fwd += 4.0 * profile["decoder_layers"] * profile["d_decoder"] * counts.cells * per_cell ** 2
     return 3.0 * fwd
 
 
