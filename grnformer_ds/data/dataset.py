@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserInputError
+from .cell_random import CellKeyedRandom
 from .cells import CellRows
 from .collators import get_collator
 from .graphs import GraphBuilder
@@ -90,6 +91,9 @@ class StreamingCellDataset(IterableDataset):
         graphs: None = on when the store has GRN assets; True without assets is an error. edge_perturbation: alpha.
             graph_layout: ``"coo"`` (edges TF -> target) or ``"csr"`` (the structure encoder's final form: undirected
             when ``undirected_graphs``, sorted by destination; `graphs`).
+        cell_keyed_random: each cell's random tokenization draws (binning ties, the gene subset of a long cell,
+            masking) come from a generator seeded by (seed, cell index) instead of the batch's, so a cell's tokens do
+            not depend on the batching (`cell_random`; inference).
         Collator options (max_seq_len, n_bins, mask_ratio, mask_value, pad_value, pad_to_max_len, ...) pass through
             ``collator_kwargs`` or the keyword arguments of the same name; None leaves the backbone collator's own
             default (e.g. ``mask_ratio`` 0.15 for scGPT, 0.3 for scFoundation).
@@ -103,7 +107,7 @@ class StreamingCellDataset(IterableDataset):
                  graphs: bool | None = None, edge_perturbation: float = 0.2, graph_layout: str = "coo",
                  undirected_graphs: bool = True, max_seq_len: int | None = None, n_bins: int | None = None,
                  mask_ratio: float | None = None, mask_value: float | None = None, pad_value: float | None = None,
-                 pad_to_max_len: bool = False, collator_kwargs: dict | None = None):
+                 pad_to_max_len: bool = False, collator_kwargs: dict | None = None, cell_keyed_random: bool = False):
         super().__init__()
         collator_cls = get_collator(backbone)
         if (batch_size is None) == (max_tokens is None):
@@ -139,6 +143,7 @@ class StreamingCellDataset(IterableDataset):
         self._cache_blocks = self.buffer_blocks * (self.lanes + 1)  # set per worker in __iter__
         self.edge_perturbation = float(edge_perturbation)
         self.graph_layout, self.undirected_graphs = graph_layout, bool(undirected_graphs)
+        self.cell_keyed_random = bool(cell_keyed_random)
 
         least = self.world_size * (1 if self.packed else self.batch_size)
         if self.drop_last and (self.hi - self.lo) < least:
@@ -303,7 +308,10 @@ class StreamingCellDataset(IterableDataset):
         plan = plan or self.plan()
         rows = self._rows(plan, plan.step_cells(step))
         g = plan.global_batch(step)
-        out, slot_genes = self.collator(rows, batch_rng(self.seed, plan.epoch, g, 0))
+        # a cell's tokenization draws from its own generator when outputs must not depend on batching (inference)
+        rng = CellKeyedRandom(self.seed, rows.cell_index) if self.cell_keyed_random else batch_rng(
+            self.seed, plan.epoch, g, 0)
+        out, slot_genes = self.collator(rows, rng)
         if self.graph_builder is not None:
             segments = out["cu_seq_lens_q"].numpy() if self.packed else None
             out.update(self.graph_builder(slot_genes, rows.cell_type, rows.active_regulons,

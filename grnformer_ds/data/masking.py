@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cell_random import draw_uniforms
 from .token_kernels import partition_cells
 
 IGNORE_INDEX = -100.0  # labels at unmasked positions (PyTorch / HF ignore_index convention)
 KEPT, MASKED, DROPPED = 0, 1, 2  # per-gene states of `draw_partition`
 
 
-def draw_partition(indptr: np.ndarray, n_mask: np.ndarray, n_drop: np.ndarray,
-                   rng: np.random.Generator) -> np.ndarray:
+def draw_partition(indptr: np.ndarray, n_mask: np.ndarray, n_drop: np.ndarray, rng) -> np.ndarray:
     """Random per-gene states for a CSR batch (module docstring). indptr: (B+1,) int64 (first entry 0);
     n_mask, n_drop: (B,) int64 with ``n_mask + n_drop <= n`` per cell. Returns (nnz,) uint8 KEPT / MASKED / DROPPED.
     """
@@ -36,7 +36,7 @@ def draw_partition(indptr: np.ndarray, n_mask: np.ndarray, n_drop: np.ndarray,
         raise ValueError("draw_partition: need indptr[0] == 0 and 0 <= n_mask, n_drop with n_mask + n_drop <= n")
     draw_ptr = np.zeros(len(n_draws) + 1, dtype=np.int64)
     np.cumsum(n_draws, out=draw_ptr[1:])
-    uniforms = rng.random(int(draw_ptr[-1]))
+    uniforms = draw_uniforms(rng, n_draws)  # one batch-wide draw, or each cell's own (`cell_random`)
     state = np.empty(int(indptr[-1]), dtype=np.uint8)
     partition_cells(indptr, np.ascontiguousarray(n_mask, dtype=np.int64), draw_ptr, uniforms, state)
     return state

@@ -8,7 +8,8 @@ or, with ``max_tokens``, packed back to back into one (1, T) row, each cell's se
 THD layout of `packing`; ``pad_to_max_tokens`` pads T to exactly ``max_tokens`` with dummy segments).
 
 Random draws, in this order from the caller's generator: ``rng.random(nnz)`` tie-breaking uniforms (binning), then
-one ``rng.random`` for the subset + mask partition of all cells (``masking.draw_partition``), then whatever a
+one ``rng.random`` for the subset + mask partition of all cells (``masking.draw_partition``) (each cell's own draws
+instead when the caller passes a `cell_random.CellKeyedRandom`, as inference does), then whatever a
 subclass's `mask_more` draws (scPaLM's patch masking). The work is batch-wide:
 one binning kernel, one partition kernel, one kernel writing the padded arrays (``token_kernels.py``).
 """
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .binning import DEFAULT_TARGET_SUM, bin_batch
+from .cell_random import draw_uniforms
 from .cells import CellRows
 from .masking import IGNORE_INDEX, draw_partition
 from .packing import packed_keys, segment_offsets
@@ -99,7 +101,7 @@ class ScGPTCollator:
         lens = np.diff(indptr)
         # All tie-breaking uniforms first (one draw for the batch, cells in order, as scGPT's per-row draws), so the
         # bins of a cell do not depend on the subsetting / masking draws.
-        uniforms = rng.random(int(indptr[-1]))
+        uniforms = draw_uniforms(rng, np.diff(indptr))
         bins = bin_batch(indptr, counts, self.n_bins, uniforms, self.target_sum)
         # Then one draw for the whole batch: which genes long cells drop, which kept genes are masked (masking.py).
         kept = np.minimum(lens, max_genes)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cell_random import draw_uniforms
 from .scgpt_collator import ScGPTCollator
 from .token_kernels import mask_patches
 
@@ -61,6 +62,6 @@ class ScPaLMCollator(ScGPTCollator):
         n_mask = (n_patches * self.mask_ratio).astype(np.int64)
         n_mask = np.where((n_mask == 0) & (n_patches > 1), 1, n_mask)
         # a uniform per patch; each cell masks its n_mask patches with the smallest draws (`mask_patches`)
-        u = rng.random(int(patch_first[-1]))
+        u = draw_uniforms(rng, n_patches)
         mask_patches(starts, kept, rank, self.patch_size, n_mask, u, patch_first, np.float32(self.mask_value),
                      values, labels)

@@ -178,6 +178,10 @@ class GRNFormerModel(GRNFormerPreTrainedModel):
             self.structure_encoder = StructureEncoder(config)
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.final_layer_norm \
             else None
+        # loaded alone (AutoModel) from a GRNFormerForMaskedLM folder, the head's weights are expected leftovers, not
+        # an "UNEXPECTED" warning: ignore every key outside this model's own modules (whatever the backbone's head)
+        own = "|".join(sorted(name for name, _ in self.named_children()) + ["structure_encoder"])
+        self._keys_to_ignore_on_load_unexpected = [rf"^(?!(?:{own})\.)"]
         self.post_init()
 
     def build_structure_encoder(self) -> StructureEncoder | None:
@@ -347,6 +351,8 @@ class GRNFormerForMaskedLM(GRNFormerPreTrainedModel):
         self.backbone_spec = self.grnformer.backbone_spec
         self.backbone_spec.build_head(self, config)
         self.post_init()
+        # HF copies the base model's ignore-unexpected pattern into its parents; loaded whole, nothing is expected left
+        self._keys_to_ignore_on_load_unexpected = set()
 
     def build_structure_encoder(self):
         """See `GRNFormerModel.build_structure_encoder`."""
