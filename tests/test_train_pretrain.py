@@ -126,6 +126,11 @@ def test_main_command_trains_on_demo_graphs_and_loss_decreases(reference_run):
     evals = [x["eval_loss"] for x in m if "eval_loss" in x]
     assert len(evals) == 2 and evals[1] < evals[0] and evals[1] < 0.7 * first
     assert all(x["cells_per_s"] > 0 and x["nonpad_tokens_per_s"] > 0 for x in m)
+    # the trivial baselines beside every held-out loss: on real cells a gene's own mean beats the global mean
+    scored = [x for x in m if "eval_loss" in x]
+    assert all(x["eval_baseline_gene_mean"] < x["eval_baseline_global_mean"] for x in scored), scored
+    assert all(abs(x["eval_mlm_loss"] - x["eval_loss"]) < 1e-3 * x["eval_loss"] for x in scored)  # scGPT: MSE only
+    assert ", gene-mean baseline " in p.stdout and ", global-mean baseline " in p.stdout, p.stdout
     from grnformer_ds.training.checkpoint import complete_tags, find_latest
 
     ck = os.path.join(out, "checkpoints")

@@ -381,3 +381,31 @@ def test_accumulating_two_micro_batches_equals_one_step_over_both(tmp_path, dist
     assert one.keys() == two.keys() and len(one) > 20
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ trivial baselines
+def test_trivial_baselines_are_the_training_means_on_the_masked_targets():
+    """Global and per-gene means of the masked targets (labels != -100) by gene token, against numpy; the gene of a
+    label is input_ids (padded or packed) or, for scFoundation's all-gene decoder, decoder_input_ids; an unseen gene
+    is predicted by the global mean."""
+    import numpy as np
+
+    from grnformer_ds.training.baselines import TrivialBaselines, masked_targets
+
+    ids = torch.tensor([[1, 5, 6, 7, 0], [1, 6, 7, 8, 0]])
+    labels = torch.tensor([[-100.0, 3.0, 5.0, -100.0, -100.0], [-100.0, 7.0, 2.0, 4.0, -100.0]])
+    train = {"input_ids": ids, "labels": labels}
+    b = TrivialBaselines(10).fit([train], 1)
+    y = np.array([3.0, 5.0, 7.0, 2.0, 4.0])
+    assert b.global_mean == pytest.approx(y.mean()) and b.n_targets == 5
+    assert b.gene_mean[6].item() == pytest.approx(6.0) and b.gene_mean[5].item() == pytest.approx(3.0)
+    assert b.gene_mean[9].item() == pytest.approx(y.mean())  # never seen
+    test = {"input_ids": torch.tensor([[1, 6, 9]]), "labels": torch.tensor([[-100.0, 4.0, 1.0]])}
+    g, p, k = b.score(test)
+    assert k == 2 and g == pytest.approx((4 - y.mean()) ** 2 + (1 - y.mean()) ** 2)
+    assert p == pytest.approx((4 - 6.0) ** 2 + (1 - y.mean()) ** 2)
+    packed = {"input_ids": ids.reshape(1, -1), "labels": labels.reshape(1, -1)}
+    assert [t.tolist() for t in masked_targets(packed)] == [t.tolist() for t in masked_targets(train)]
+    scf = {"input_ids": torch.tensor([[5, 6]]), "decoder_values": torch.zeros(1, 3),
+           "decoder_input_ids": torch.tensor([4, 5, 6]), "labels": torch.tensor([[2.0, -100.0, 1.0]])}
+    assert [t.tolist() for t in masked_targets(scf)] == [[4, 6], [2.0, 1.0]]

@@ -175,6 +175,36 @@ def build_model(config, zero_init_ctx=None, dtype: torch.dtype = torch.float32):
     return model
 
 
+BASELINE_CELLS = 4096  # training cells (over all ranks) whose masked targets fit the trivial baselines
+
+
+def fit_baselines(store_path: str, config, settings, resolved, info, args, device):
+    """`baselines.TrivialBaselines` fitted on the first ~`BASELINE_CELLS` training cells (this rank's share, no
+    graphs: only the targets matter), summed over ranks; read by a separate loader, so the run's data position does
+    not move."""
+    import torch.distributed as dist
+
+    from grnformer_ds.data import StreamingCellDataset
+    from grnformer_ds.training.baselines import TrivialBaselines
+
+    kw = {**_dataset_kwargs(config, settings, resolved, info, args), "graphs": False}
+    dataset = StreamingCellDataset(store_path, split="train", **kw)
+    baselines, cells, quota = TrivialBaselines(config.vocab_size), 0, -(-BASELINE_CELLS // info.world_size)
+    for batch in dataset:
+        baselines.update(batch)
+        cells += int(batch["cell_index"].shape[0])
+        if cells >= quota:
+            break
+
+    def reduce(t):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = t.to(device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    return baselines.finish(reduce)
+
+
 class EvalBatches:
     """Re-iterable held-out batches that restart from the beginning on every `iter()` (the dataset is stateful:
     a plain re-iteration after a partial pass would continue where the last evaluation stopped)."""
@@ -230,11 +260,8 @@ def resolve_batch_layout(config, settings, resolved, info, args) -> None:
         b.pad_to_max_tokens = settings.compile
 
 
-def build_datasets(store_path: str, config, settings, resolved, info, args):
-    """(train loader with state_dict/load_state_dict, held-out EvalBatches or None). Packed micro-batches of
-    `settings.batch.max_tokens` tokens (`resolve_batch_layout` first) or padded ones of the resolved micro batch;
-    graphs in the structure encoder's final form (undirected as the config says, sorted by destination)."""
-    from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset, get_collator
+def _dataset_kwargs(config, settings, resolved, info, args) -> dict[str, Any]:
+    from grnformer_ds.data import get_collator
 
     layout = (dict(max_tokens=settings.batch.max_tokens, pad_to_max_tokens=bool(settings.batch.pad_to_max_tokens))
               if resolved.packed else dict(batch_size=resolved.micro_batch_size))
@@ -249,6 +276,16 @@ def build_datasets(store_path: str, config, settings, resolved, info, args):
         kw["mask_ratio"] = args.mask_ratio
     if getattr(args, "eval_fraction", None) is not None:
         kw["eval_fraction"] = args.eval_fraction
+    return kw
+
+
+def build_datasets(store_path: str, config, settings, resolved, info, args):
+    """(train loader with state_dict/load_state_dict, held-out EvalBatches or None). Packed micro-batches of
+    `settings.batch.max_tokens` tokens (`resolve_batch_layout` first) or padded ones of the resolved micro batch;
+    graphs in the structure encoder's final form (undirected as the config says, sorted by destination)."""
+    from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset
+
+    kw = _dataset_kwargs(config, settings, resolved, info, args)
     train = StreamingCellDataset(store_path, split="train", **kw)
     loader = StatefulCellLoader(train, num_workers=settings.num_workers, pin_memory=info.has_gpu,
                                 prefetch_factor=4 if settings.num_workers else None)

@@ -223,8 +223,13 @@ def run_pretraining(args: Namespace) -> int:
 
     from grnformer_ds.training.throughput import flops_profile
 
+    # trivial baselines beside every held-out loss (training/baselines.py), fitted on training cells
+    baselines = None
+    if eval_batches is not None:
+        baselines = I.fit_baselines(store_path, config, settings, resolved, info, args, engine.device)
     trainer = Trainer(engine, settings, resolved, train_batches, eval_batches, tracker, info.is_main,
-                      flops_info=flops_profile(model), prepare_batch=prepare_batch, schedule=schedule, say=say)
+                      flops_info=flops_profile(model), prepare_batch=prepare_batch, schedule=schedule, say=say,
+                      baselines=baselines)
     status = "FAILED"
     try:
         trainer.maybe_resume()

@@ -114,8 +114,11 @@ class Trainer:
                  on_save: Callable[[str], None] | None = None,
                  prepare_batch: Callable[[dict], dict] | None = None,
                  schedule: LRSchedule | None = None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None,
+                 baselines=None):
         self.engine = engine
+        self.baselines = baselines  # `baselines.TrivialBaselines`, scored beside every held-out loss
+        self.eval_extra: dict[str, float] = {}
         self.s = settings
         self.resolved = resolved
         self.train_batches = train_batches
@@ -262,6 +265,7 @@ class Trainer:
             return None
         self.engine.eval()
         total, n = 0.0, 0.0
+        mlm = sse_global = sse_gene = targets = 0.0  # masked-value SSE and the trivial baselines' on the same targets
         it = iter(self.eval_batches)
         one = torch.ones((), dtype=torch.float32, device=self.device)
         for _ in range(self.s.eval_batches):
@@ -273,13 +277,36 @@ class Trainer:
             dev = self._to_device(batch)
             if self.global_normalization:
                 dev["num_items_in_batch"] = one  # the loss is then the summed squared error
-            loss = _loss_of(self.engine(**dev)).float()
+            out = self.engine(**dev)
+            loss = _loss_of(out).float()
             if torch.isfinite(loss):
                 count = masked_positions(batch) if self.global_normalization else 1
                 total, n = total + loss.item(), n + count
+                if self.baselines is not None:
+                    g, p, k = self.baselines.score(batch)
+                    sse_global, sse_gene, targets = sse_global + g, sse_gene + p, targets + k
+                    term = getattr(out, "mlm_loss", None)
+                    term = loss if term is None else term.float()
+                    mlm += term.item() * (1 if self.global_normalization else k)
         self.engine.train()
-        total, n = _reduce_sum([total, n], self.device)
+        total, n, mlm, sse_global, sse_gene, targets = _reduce_sum([total, n, mlm, sse_global, sse_gene, targets],
+                                                                   self.device)
+        self.eval_extra = {}
+        if self.baselines is not None and targets:
+            self.eval_extra = {"eval_mlm_loss": mlm / targets, "eval_baseline_gene_mean": sse_gene / targets,
+                               "eval_baseline_global_mean": sse_global / targets}
         return total / n if n else float("nan")
+
+    def _baseline_note(self, eval_loss: float) -> str:
+        """The held-out masked-value MSE beside the trivial baselines' (`baselines`: predicting each gene's training
+        mean, predicting the global training mean) on the same targets, for the evaluation line."""
+        e = self.eval_extra
+        if not e:
+            return ""
+        mse = e["eval_mlm_loss"]
+        head = "" if abs(mse - eval_loss) <= 1e-6 * max(1.0, abs(eval_loss)) else f", masked-value MSE {mse:.1f}"
+        return (f"{head}, gene-mean baseline {e['eval_baseline_gene_mean']:.1f}, global-mean baseline "
+                f"{e['eval_baseline_global_mean']:.1f}")
 
     # ---------------------------------------------------------------- training
     def _train_step(self) -> dict[str, float]:
@@ -348,6 +375,7 @@ class Trainer:
                 m[k] = v / self.resolved.world_size if per_loss else v / max(n, 1)
         if eval_loss is not None:
             m["eval_loss"] = eval_loss
+            m.update(self.eval_extra)
         if self.device.type == "cuda":
             m["gpu_mem_max_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             if self.peak and self.flops_info:
@@ -382,7 +410,7 @@ class Trainer:
                     last = self._log(r, eval_loss, bar)
                 if eval_loss is not None:  # one line per evaluation, above the progress bar
                     line = (f"step {step}/{self.s.max_steps}: loss {last.get('loss', float('nan')):.1f}, "
-                            f"held-out loss {eval_loss:.1f}")
+                            f"held-out loss {eval_loss:.1f}" + self._baseline_note(eval_loss))
                     if bar is not None:
                         bar.write(line)
                     else:
