@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int, default=None, help="genes per cell (default: dataset default)")
     g.add_argument("--mask-ratio", type=float, default=None, help="fraction of genes masked (default: dataset's)")
     g.add_argument("--eval-fraction", type=float, default=None, help="held-out fraction of cells for evaluation")
+    g.add_argument("--edge-perturbation", type=float, default=None, metavar="ALPHA",
+                   help="fraction of each training cell's GRN edges perturbed with co-expression edges (default 0.2; "
+                        "0 = off)")
     g.add_argument("--num-workers", type=int, default=None,
                    help="data-loading worker processes per rank (default: 0 on CPU, up to 4 per GPU)")
 

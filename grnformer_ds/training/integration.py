@@ -88,8 +88,11 @@ def tokenization_summary(dataset) -> dict[str, Any]:
     import dataclasses
 
     c = dataset.collator
-    return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
-            if f.name not in ("gene_token_ids", "max_tokens", "pad_to_max_tokens")}
+    out = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+           if f.name not in ("gene_token_ids", "max_tokens", "pad_to_max_tokens")}
+    if dataset.graphs:
+        out["edge_perturbation"] = dataset.edge_perturbation
+    return out
 
 
 def store_summary(store, path: str) -> dict[str, Any]:
@@ -274,6 +277,8 @@ def _dataset_kwargs(config, settings, resolved, info, args) -> dict[str, Any]:
         kw["max_seq_len"] = args.max_seq_len
     if getattr(args, "mask_ratio", None) is not None:
         kw["mask_ratio"] = args.mask_ratio
+    if getattr(args, "edge_perturbation", None) is not None:
+        kw["edge_perturbation"] = args.edge_perturbation
     if getattr(args, "eval_fraction", None) is not None:
         kw["eval_fraction"] = args.eval_fraction
     return kw
