@@ -7,7 +7,8 @@ Arms (grnformer_ds/training/ablation.py says what each compares): no-grn, random
 the GRNs), celltype, cell, hybrid (both scales), no-perturbation (no co-expression edge perturbation), gnn-gcn,
 gnn-gat, gnn-gin. Every GRN arm puts the fusion after the last layer, so each arm runs the same transformer layers as
 no-grn. Writes ablation.json and ablation.md (held-out masked-value loss, mean ± sd over seeds, beside the trivial
-baselines: each gene's training mean and the global mean). Extra pretrain.py flags go after `--`.
+baselines: each gene's training mean and the global mean; a linear probe of each run's cell embeddings on the store's
+cell types beside the same probe on PCA of the expression). Extra pretrain.py flags go after `--`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--model-preset", default="debug")
     p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe of each run's cell embeddings")
     p.add_argument("--launcher", default="", help="command before pretrain.py (default: this python; e.g. "
                                                   "'deepspeed --num_gpus 8')")
     return p.parse_args(argv), extra
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     if not arms or not seeds or args.max_steps < 1:
         raise UserInputError("give at least one arm, one seed and --max-steps >= 1")
     summary = run_ablation(args.data, arms, seeds, args.out_dir, preset=args.model_preset, max_steps=args.max_steps,
-                           extra_args=extra, launcher=args.launcher)
+                           extra_args=extra, launcher=args.launcher, probe=not args.no_probe)
     from grnformer_ds.training.ablation import ablation_table
 
     print(ablation_table(summary), end="")

@@ -1,6 +1,7 @@
 """The GRN ablation: the random-GRN control keeps every TF's and every target's degree while rewiring the edges (a
 store view sharing the real shards), every GRN arm runs the same transformer layers as the plain backbone, and
-`launchers/ablation.py` trains two arms on the demo store and writes its table."""
+`launchers/ablation.py` trains two arms on the demo store and writes its table; the linear probe on cell types
+reads the store's own labels and recovers them from PCA of the expression."""
 from __future__ import annotations
 
 import json
@@ -66,9 +67,27 @@ def test_ablation_command_on_the_demo_store(demo_store, tmp_path):
     assert set(summary["arms"]) == {"no-grn", "random-grn"}
     for arm in summary["arms"].values():
         assert np.isfinite(arm["eval_loss_mean"]) and arm["baseline_gene_mean"] < arm["baseline_global_mean"]
+        assert 0 <= arm["probe_accuracy"][0] <= 1 and len(arm["runs"][0]["probe"]) == 4
+    assert summary["probe_baseline_pca"]["accuracy"] > 0.6  # cell types are recoverable from expression
     random_run = json.load(open(out / "random-grn" / "seed0" / "run_settings.resolved.json"))
     assert "random_grn_store_seed0" in random_run["data"]
     assert "| no-grn |" in (out / "ablation.md").read_text()
     bad = subprocess.run(cmd[:2] + ["--data", demo_store, "--arms", "nonsense", "--out-dir", str(out)],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "unknown arm 'nonsense'" in bad.stderr, bad.stderr
+
+
+def test_linear_probe_reads_the_stores_cell_types(demo_store):
+    from grnformer_ds.data.readers import StoreReader
+    from grnformer_ds.inference.probe import linear_probe, pca_features, probe_split, store_cell_types
+    from grnformer_ds.store import open_store
+
+    store = open_store(demo_store)
+    labels = store_cell_types(store)
+    rows = StoreReader(demo_store).read_range(0, store.n_cells, False)
+    assert np.array_equal(labels, rows.cell_type)  # what the loader hands the model as cell_type_ids
+    train, test = probe_split(len(labels))
+    assert len(test) == 140 and train[-1] + 1 == test[0]
+    scores = linear_probe(pca_features(store), labels, train, test)
+    majority = (labels[test] == np.bincount(labels[train]).argmax()).mean()
+    assert scores["accuracy"] > majority + 0.3 and 0 < scores["macro_f1"] <= 1, (scores, majority)
