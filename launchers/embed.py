@@ -55,8 +55,6 @@ def _distributed():
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import tempfile
-
     import numpy as np
     import torch
 
@@ -75,10 +73,12 @@ def main(argv=None) -> int:
     vocab = {k: int(v) for k, v in load_json_object(os.path.join(args.model, "vocab.json"), "vocabulary").items()}
     say(f"model: {args.model}: backbone {model.config.backbone}, {model.config.num_hidden_layers} layers x "
         f"{model.config.hidden_size}, GRN parts {'yes' if model.config.use_graph else 'no'}")
-    with tempfile.TemporaryDirectory(prefix="grnformer_embed_") as tmp:
+    # an .h5ad becomes a store next to the output (one path every rank sees), removed at the end
+    tmp_store = os.path.abspath(args.out) + ".store.tmp"
+    try:
         if os.path.isfile(args.data):
-            store = h5ad_store(args.data, os.path.join(tmp, "store"), os.path.join(args.model, "vocab.json"),
-                               args.cell_type_key, args.layer, rank, world, say)
+            store = h5ad_store(args.data, tmp_store, os.path.join(args.model, "vocab.json"), args.cell_type_key,
+                               args.layer, rank, world, say)
         else:
             store = args.data
         result = embed(model, store, max_tokens=args.max_tokens, batch_size=args.batch_size,
@@ -111,6 +111,11 @@ def main(argv=None) -> int:
                 + f"; embedding norm mean {float(np.linalg.norm(full.cells, axis=1).mean()):.3g}")
         if world > 1:
             torch.distributed.barrier()
+    finally:
+        if rank == 0 and os.path.isdir(tmp_store):
+            import shutil
+
+            shutil.rmtree(tmp_store, ignore_errors=True)
     return 0
 
 

@@ -104,6 +104,7 @@ def test_embed_command_on_a_store_and_on_an_h5ad(demo, tmp_path):
               "--cell-type-key", "bulk_labels"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "of the file's genes are in the model's vocabulary" in p.stdout, p.stdout
+    assert not os.path.exists(str(out2) + ".store.tmp")  # the temporary store is gone
     from_file = ad.read_h5ad(out2)
     assert from_file.obs_names.tolist() == source.obs_names.tolist()  # the file's order, its obs kept
     assert "louvain" in from_file.obs and "X_grnformer" in from_file.obsm
