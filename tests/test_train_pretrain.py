@@ -312,7 +312,10 @@ def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_p
     assert threads[0].startswith(f"threads: {max(1, cores // 2)} per rank") or "busy with other work" in threads[0]
     m = _metrics(out)
     assert [x["step"] for x in m] == list(range(1, 7))
-    state = json.load(open(os.path.join(out, "checkpoints", "global_step6", "trainer_state.json")))
+    state_path = os.path.join(out, "checkpoints", "global_step6", "trainer_state.json")
+    assert os.path.isfile(state_path), (os.listdir(os.path.join(out, "checkpoints")), p.stdout[-3000:],
+                                        p.stderr[-3000:], m[-1])
+    state = json.load(open(state_path))
     assert state["world_size"] == 2 and state["max_tokens"] == 3000
     # both ranks' cells of every step: ~11 demo cells of ~250 tokens fill 3,000 tokens
     assert state["cells_seen"] == round(sum(x["cells_per_s"] * x["step_time_s"] for x in m))
