@@ -29,6 +29,12 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--tf-list", help="one TF per line; restricts regulators and marks TFs")
     g.add_argument("--match-by", choices=("symbol", "gene_id"), default="symbol",
                    help="how table genes map to the store")
+    g = p.add_argument_group("reference mapping (RNA-only data: cell types and GRNs from a typed reference)")
+    g.add_argument("--reference-store", help="a store with cell types and GRN assets; the query's cells take the "
+                                             "majority type of their --k nearest reference cells, and its GRNs")
+    g.add_argument("--reference-model", help="the model that embeds both stores (export_hf.py / import_checkpoint.py "
+                                             "folder; both stores on its vocabulary)")
+    g.add_argument("--k", type=int, default=15, help="reference neighbours per query cell")
     g = p.add_argument_group("--infer (RNA-only cell-type GRNs)")
     g.add_argument("--infer", action="store_true", help="filter the prior per cell type by the store's expression")
     g.add_argument("--infer-method", choices=("correlation", "grnboost2"), default="correlation")
@@ -117,5 +123,24 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet or line.startswith("warning") or line.startswith("GRN assets written"):
             print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
 
-    build_grn(args.store, options, log=log, overwrite=args.overwrite)
+    if bool(args.reference_store) != bool(args.reference_model):
+        raise UserInputError("--reference-store and --reference-model go together")
+    if not args.reference_store:
+        build_grn(args.store, options, log=log, overwrite=args.overwrite)
+        return 0
+    import os
+    import tempfile
+
+    from .assets import has_grn_assets
+    from .reference_mapping import map_to_reference
+
+    if has_grn_assets(args.store) and not args.overwrite:  # refuse before the cell types change
+        raise UserInputError("already has GRN assets: pass --overwrite to replace them", args.store)
+    with tempfile.TemporaryDirectory(prefix="grnformer_refmap_") as tmp:
+        table = os.path.join(tmp, "reference_celltype_grns.tsv")
+        map_to_reference(args.store, args.reference_store, args.reference_model, args.k, table, log=log)
+        options.tf_targets = [*options.tf_targets, table]
+        if args.empty_celltype is None:
+            options.empty_celltype = "allow"  # a cell type's network is the reference's, empty or not
+        build_grn(args.store, options, log=log, overwrite=args.overwrite)
     return 0
