@@ -101,9 +101,7 @@ class ShardReader:
         if len(self.indptr) != self.n_cells + 1:
             raise UserInputError(f"X/indptr has {len(self.indptr) - 1} rows, manifest says {self.n_cells}",
                                  path=str(self.path))
-        codes = self.path / "obs" / "cell_type" / "codes"
-        self.cell_type = (_ZarrArray(codes).read_all().astype(np.int64) if (codes / "zarr.json").exists()
-                          else np.full(self.n_cells, -1, dtype=np.int64))
+        self.cell_type = self.cell_type_codes()
         act = self.path / "obsm" / "active_regulons"
         self._active = self._array("obsm/active_regulons") if (act / "zarr.json").exists() else None
         self._open = True
@@ -136,6 +134,13 @@ class ShardReader:
             cell_type=self.cell_type[r0:r1],
             active_regulons=active,
         )
+
+    def cell_type_codes(self) -> np.ndarray:
+        """(n_cells,) int64 cell-type code of every row (``obs/cell_type/codes``; -1 everywhere without the column)."""
+        codes = self.path / "obs" / "cell_type" / "codes"
+        if (codes / "zarr.json").exists():
+            return _ZarrArray(codes).read_all().astype(np.int64)
+        return np.full(self.n_cells, -1, dtype=np.int64)
 
     def row_nnz(self) -> np.ndarray:
         """(n_cells,) int64 stored genes of every row, from ``X/indptr`` read with zarr-python (starts no tensorstore
@@ -191,6 +196,10 @@ class StoreReader:
     @property
     def has_active_regulons(self) -> bool:
         return all(s.has_active_regulons for s in self.shards)
+
+    def cell_type_codes(self) -> np.ndarray:
+        """(n_cells,) int64 cell-type code of every cell in store order (indexes `cell_types`; -1 unknown)."""
+        return np.concatenate([shard.cell_type_codes() for shard in self.shards])
 
     def row_nnz(self, g0: int, g1: int) -> np.ndarray:
         """(g1 - g0,) int64 stored genes of the global cells ``[g0, g1)`` (no X data read)."""

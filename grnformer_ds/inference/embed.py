@@ -56,7 +56,9 @@ def load_model(model_dir: str, device: str | torch.device | None = None, dtype: 
 def _model_vocab_check(model_dir_vocab: dict[str, int] | None, store) -> None:
     if model_dir_vocab is None:
         return
-    wrong = [t for t, i in dict(store.vocab).items() if t != "<eoc>" and model_dir_vocab.get(t) != i]
+    from grnformer_ds.store.vocab import tokens_off_model_ids
+
+    wrong = tokens_off_model_ids(dict(store.vocab), model_dir_vocab)
     if wrong:
         raise UserInputError(f"the store's vocabulary is not the model's ({len(wrong):,} of its tokens differ, e.g. "
                              f"{wrong[0]!r}); give the .h5ad instead (it is mapped on the fly) or rebuild the store "
@@ -68,6 +70,7 @@ def embedding_dataset(model, store_path: str, *, max_tokens: int | None = None, 
     """The deterministic loader `embed` reads (module docstring). graphs: None = when both the store has GRN
     assets and the model its GRN parts."""
     from grnformer_ds.data import StreamingCellDataset, get_collator
+    from grnformer_ds.data.dataset import longest_cell_tokens
     from grnformer_ds.grn import has_grn_assets
     from grnformer_ds.training.settings import default_max_tokens
 
@@ -82,16 +85,11 @@ def embedding_dataset(model, store_path: str, *, max_tokens: int | None = None, 
                               cell_keyed_random=True,
                               collator_kwargs={f: getattr(config, f) for f in collator.model_config_fields})
     if batch_size is None:
-        kw["max_tokens"] = max_tokens or default_max_tokens(_longest_cell(config.backbone), torch.cuda.is_available())
+        kw["max_tokens"] = max_tokens or default_max_tokens(longest_cell_tokens(config.backbone),
+                                                            torch.cuda.is_available())
     else:
         kw["batch_size"] = batch_size
     return StreamingCellDataset(store_path, **kw)
-
-
-def _longest_cell(backbone: str) -> int:
-    from grnformer_ds.data.dataset import longest_cell_tokens
-
-    return longest_cell_tokens(backbone)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -14,18 +14,10 @@ from grnformer_ds.errors import UserInputError
 
 
 def store_cell_types(store) -> np.ndarray:
-    """(n_cells,) int64 cell-type code of every cell in store order (-1 unknown)."""
-    import zarr
+    """(n_cells,) int64 cell-type code of every cell in store order (-1 unknown), as the loader reads them."""
+    from grnformer_ds.data.readers import StoreReader
 
-    codes = []
-    for path in store.shard_paths:
-        group = zarr.open_group(str(path), mode="r")
-        obs = group["obs"]
-        if "cell_type" in obs:
-            codes.append(np.asarray(obs["cell_type"]["codes"][:], dtype=np.int64))
-        else:
-            codes.append(np.full(group["obs"]["cell_index"].shape[0], -1, np.int64))
-    return np.concatenate(codes) if codes else np.zeros(0, np.int64)
+    return StoreReader(store.path, backend="zarr").cell_type_codes()
 
 
 def probe_split(n_cells: int, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:

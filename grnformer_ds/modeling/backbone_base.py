@@ -47,6 +47,29 @@ class ImportedCheckpoint:
     source: str = ""
 
 
+# torch.nn.TransformerEncoderLayer's parameter names (scGPT's and scFoundation's encoders) -> `layers.GRNFormerLayer`'s
+_TORCH_LAYER = {"self_attn.out_proj.": "self_attn.o_proj.", "linear1.": "ffn.linear1.", "linear2.": "ffn.linear2.",
+                "norm1.": "norm1.", "norm2.": "norm2."}
+_FUSED_QKV = ("self_attn.in_proj_weight", "self_attn.in_proj_bias",  # torch
+              "self_attn.Wqkv.weight", "self_attn.Wqkv.bias")  # flash-attn (scGPT's published checkpoints)
+
+
+def map_torch_encoder_layer(rest: str, value: torch.Tensor, base: str, ours: dict) -> bool:
+    """Put one key of a torch-style encoder layer (`rest`: the name after the layer index) into `ours` under `base`
+    (e.g. "grnformer.layers.3."); the fused q; k; v rows are split into q_proj / k_proj / v_proj. False when the key
+    is not one of the layer's (the caller reports it as unused)."""
+    if rest in _FUSED_QKV:
+        kind = "weight" if rest.endswith("weight") else "bias"
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            ours[f"{base}self_attn.{name}.{kind}"] = part.clone()
+        return True
+    for theirs, mine in _TORCH_LAYER.items():
+        if rest.startswith(theirs):
+            ours[base + mine + rest[len(theirs):]] = value
+            return True
+    return False
+
+
 class Backbone:
     """The backbone-specific part of a GRNFormer model; subclass it and decorate with `register_backbone`.
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from .backbone_base import Backbone, ImportedCheckpoint, register_backbone
+from .backbone_base import Backbone, ImportedCheckpoint, map_torch_encoder_layer, register_backbone
 from .dummy_graphs import add_graphs
 from .embeddings import AutoDiscretizationEncoder, GeneEncoder, build_value_encoder
 from .layout import Embedded, keys_without_lead, pool_packed, pool_padded
@@ -248,26 +248,10 @@ _SCF_DIRECT = {
     "to_final.weight": "decoder.to_final.weight",
     "to_final.bias": "decoder.to_final.bias",
 }
-_TORCH_LAYER = {"self_attn.out_proj.": "self_attn.o_proj.", "linear1.": "ffn.linear1.", "linear2.": "ffn.linear2.",
-                "norm1.": "norm1.", "norm2.": "norm2."}
 _PERFORMER_LAYER = {"0.norm.": "norm1.", "0.fn.to_q.": "self_attn.q_proj.", "0.fn.to_k.": "self_attn.k_proj.",
                     "0.fn.to_v.": "self_attn.v_proj.", "0.fn.to_out.": "self_attn.o_proj.",
                     "0.fn.fast_attention.projection_matrix": "self_attn.projection_matrix",
                     "1.norm.": "norm2.", "1.fn.fn.w1.": "ffn.linear1.", "1.fn.fn.w2.": "ffn.linear2."}
-
-
-def _map_torch_layer(rest: str, value: torch.Tensor, base: str, ours: dict) -> bool:
-    """One key of a torch TransformerEncoderLayer (`rest` after the layer index) -> ours under `base`."""
-    if rest in ("self_attn.in_proj_weight", "self_attn.in_proj_bias"):
-        kind = "weight" if rest.endswith("weight") else "bias"
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-            ours[f"{base}self_attn.{name}.{kind}"] = part.clone()
-        return True
-    for theirs, mine in _TORCH_LAYER.items():
-        if rest.startswith(theirs):
-            ours[base + mine + rest[len(theirs):]] = value
-            return True
-    return False
 
 
 def map_scfoundation_state_dict(state: dict) -> tuple[dict, list[str], str]:
@@ -281,7 +265,7 @@ def map_scfoundation_state_dict(state: dict) -> tuple[dict, list[str], str]:
             ours[_SCF_DIRECT[key]] = value
         elif key.startswith("encoder.transformer_encoder."):
             i, rest = key[len("encoder.transformer_encoder."):].split(".", 1)
-            if not _map_torch_layer(rest, value, f"grnformer.layers.{i}.", ours):
+            if not map_torch_encoder_layer(rest, value, f"grnformer.layers.{i}.", ours):
                 unused.append(key)
         elif key.startswith("encoder.norm."):
             ours["grnformer.final_norm." + key[len("encoder.norm."):]] = value
@@ -300,7 +284,7 @@ def map_scfoundation_state_dict(state: dict) -> tuple[dict, list[str], str]:
         elif key.startswith("decoder.transformer_encoder."):
             decoder = "transformer"
             i, rest = key[len("decoder.transformer_encoder."):].split(".", 1)
-            if not _map_torch_layer(rest, value, f"decoder.layers.{i}.", ours):
+            if not map_torch_encoder_layer(rest, value, f"decoder.layers.{i}.", ours):
                 unused.append(key)
         elif key.startswith("decoder.norm."):  # the decoder stack's own final norm (PerformerModule.norm)
             ours["decoder.layers_norm." + key[len("decoder.norm."):]] = value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backbone_base import Backbone, ImportedCheckpoint, register_backbone
+from .backbone_base import Backbone, ImportedCheckpoint, map_torch_encoder_layer, register_backbone
 
 
 @register_backbone
@@ -43,8 +43,6 @@ _SCGPT_PREFIXES = {
     "mvc_decoder.gene2query.": "mvc_decoder.gene2query.",
     "mvc_decoder.W.": "mvc_decoder.W.",
 }
-_SCGPT_LAYER = {"self_attn.out_proj.": "self_attn.o_proj.", "linear1.": "ffn.linear1.", "linear2.": "ffn.linear2.",
-                "norm1.": "norm1.", "norm2.": "norm2."}
 
 
 def _read_scgpt_folder(path: str):
@@ -90,19 +88,7 @@ def map_scgpt_state_dict(state: dict) -> tuple[dict, list[str], bool]:
             continue
         if key.startswith("transformer_encoder.layers."):
             i, rest = key[len("transformer_encoder.layers."):].split(".", 1)
-            base = f"grnformer.layers.{i}."
-            if rest in ("self_attn.in_proj_weight", "self_attn.Wqkv.weight", "self_attn.in_proj_bias",
-                        "self_attn.Wqkv.bias"):
-                kind = "weight" if rest.endswith("weight") else "bias"
-                q, k, v = value.chunk(3, dim=0)
-                for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                    ours[f"{base}self_attn.{name}.{kind}"] = part.clone()
-                continue
-            for theirs, mine in _SCGPT_LAYER.items():
-                if rest.startswith(theirs):
-                    ours[base + mine + rest[len(theirs):]] = value
-                    break
-            else:
+            if not map_torch_encoder_layer(rest, value, f"grnformer.layers.{i}.", ours):
                 unused.append(key)
             continue
         for theirs, mine in _SCGPT_PREFIXES.items():

@@ -94,6 +94,12 @@ def vocab_genes(vocab: Mapping[str, int]) -> list[str]:
     return [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if tok not in SPECIAL_TOKENS]
 
 
+def tokens_off_model_ids(store_vocab: Mapping[str, int], model_vocab: Mapping[str, int]) -> list[str]:
+    """The store's tokens whose id is not the model's: a store a model can read has none. Every token a batch uses
+    (genes, `<pad>`, `<cls>`) counts; `<eoc>` is never used (a store built on a vocabulary without it appends one)."""
+    return [t for t, i in store_vocab.items() if t != "<eoc>" and model_vocab.get(t) != i]
+
+
 def vocab_sha256(vocab: Mapping[str, int]) -> str:
     """Order-independent hash of a vocabulary (sorted by id, then token)."""
     canon = json.dumps(sorted(((int(i), str(t)) for t, i in vocab.items())), separators=(",", ":"))

@@ -83,6 +83,7 @@ def init_from_config(hf_dir: str, store, use_graph: bool, say: Callable[[str], N
     from safetensors.torch import load_file
 
     from grnformer_ds.modeling import GRNFormerConfig
+    from grnformer_ds.store.vocab import tokens_off_model_ids
     from grnformer_ds.training.integration import store_has_graphs
 
     for name in ("config.json", "vocab.json", "model.safetensors"):
@@ -96,9 +97,7 @@ def init_from_config(hf_dir: str, store, use_graph: bool, say: Callable[[str], N
             from None
     vocab = _read_json(os.path.join(hf_dir, "vocab.json"), "gene vocabulary")
     store_vocab = dict(store.vocab)
-    # every token the batches use (genes, <pad>, <cls>) must have the model's id; <eoc> is never used (a store built
-    # on a vocabulary without it appends one)
-    wrong = [t for t, i in store_vocab.items() if t != "<eoc>" and vocab.get(t) != i]
+    wrong = tokens_off_model_ids(store_vocab, vocab)
     if wrong:
         raise UserInputError(f"the store's vocabulary is not the model's ({len(wrong):,} of its {len(store_vocab):,} "
                              f"tokens differ, e.g. {wrong[0]!r}); rebuild the store with data_prep/build_store.py "

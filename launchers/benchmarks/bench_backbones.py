@@ -14,16 +14,16 @@ Warm-up steps are not timed. Set OMP_NUM_THREADS=1 on a shared CPU machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common, when imported from elsewhere
 
 import torch  # noqa: E402
+from bench_common import machine_info, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -102,19 +102,16 @@ def main(argv=None) -> int:
 
     store = ensure_demo(args.demo_cache_dir, say=lambda line: print(line, file=sys.stderr))
     results = [bench_one(b, store, args) for b in args.backbones.split(",") if b]
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpu_count": os.cpu_count(),
-              "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__,
-              "width": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "ffn": args.ffn},
-              "max_tokens": args.max_tokens, "graphs": not args.no_graph, "results": results}
+    report = machine_info(device=args.device,
+                          width={"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "ffn": args.ffn},
+                          max_tokens=args.max_tokens, graphs=not args.no_graph, results=results)
     cols = ("backbone", "params", "cells_per_step", "slots_per_cell", "tokens_per_cell", "attention_pairs_per_cell",
             "step_ms", "cells_per_s", "loss_first", "loss_last")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(f"{r[c]:,.1f}" if isinstance(r[c], float) else f"{r[c]:,}" if isinstance(r[c], int)
                                 else str(r[c]) for c in cols) + " |")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+    write_report(report, args.out)
     return 0
 
 

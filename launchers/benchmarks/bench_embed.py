@@ -18,9 +18,7 @@ cells/s from the best of `--repeats` passes, and the largest difference between 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +26,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common, when imported from elsewhere
+
+from bench_common import machine_info, write_report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -97,15 +98,10 @@ def main(argv=None) -> int:
     graph_model = load_model(os.path.join(work, "graph_model"), device="cpu")
     t, _ = best(lambda: embed(graph_model, store_path))
     rows["ours_packed_graphs"] = n / t
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpu_count": os.cpu_count(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "cells": n,
-              "model": f"{args.hidden} x {args.layers}, {args.heads} heads", "cells_per_s": rows,
-              "max_abs_diff_vs_scgpt": float(np.abs(packed.cells - theirs).max()),
-              "max_abs_diff_padded_vs_packed": float(np.abs(packed.cells - padded.cells).max())}
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+    report = machine_info(cells=n, model=f"{args.hidden} x {args.layers}, {args.heads} heads", cells_per_s=rows,
+                          max_abs_diff_vs_scgpt=float(np.abs(packed.cells - theirs).max()),
+                          max_abs_diff_padded_vs_packed=float(np.abs(packed.cells - padded.cells).max()))
+    write_report(report, args.out, show=True)
     return 0
 
 

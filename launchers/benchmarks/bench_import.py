@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +30,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common, when imported from elsewhere
+
+from bench_common import machine_info, write_report  # noqa: E402
 
 PEER_LOAD = """
 import sys, torch
@@ -152,19 +154,16 @@ def main(argv=None) -> int:
            "--out", hf, *extra]
     ours = _summary([_timed(cmd) for _ in range(args.repeats)])
     size = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) / 2**20  # noqa: E731
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpu_count": os.cpu_count(),
-              "threads": os.environ.get("OMP_NUM_THREADS"), "from": args.backbone,
-              "input_mib": size(src) if os.path.isdir(src) else os.path.getsize(src) / 2**20,
-              "output_mib": size(hf), "import": ours}
+    # the commands run in child processes: their threads are OMP_NUM_THREADS's
+    input_mib = size(src) if os.path.isdir(src) else os.path.getsize(src) / 2**20
+    report = machine_info(threads=os.environ.get("OMP_NUM_THREADS"),
+                          **{"from": args.backbone, "input_mib": input_mib, "output_mib": size(hf), "import": ours})
     if args.backbone == "scfoundation":
         peer = [sys.executable, "-c", PEER_LOAD.format(tests=os.path.join(REPO, "tests"), path=src)]
         report["peer_scfoundation_load"] = _summary([_timed(peer) for _ in range(args.repeats)])
         if args.forward:
             report["forward_one_cell"] = _forward(src, hf)
-    print(json.dumps(report, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+    write_report(report, args.out, show=True)
     return 0
 
 

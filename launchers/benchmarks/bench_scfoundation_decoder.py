@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common, when imported from elsewhere
+
+from bench_common import machine_info, write_report  # noqa: E402
 
 
 def step_ms(attention: str, n_genes: int, attn: str, repeats: int) -> float:
@@ -51,7 +53,6 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    import torch
 
     rows = []
     for n_genes in (int(g) for g in args.genes.split(",")):
@@ -61,11 +62,7 @@ def main(argv=None) -> int:
             row["exact_over_performer"] = row["exact_ms"] / row["performer_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpu_count": os.cpu_count(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "attn": args.attn, "rows": rows}
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+    write_report(machine_info(attn=args.attn, rows=rows), args.out)
     return 0
 
 
