@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from grnformer_ds.training.console import quiet_libraries
+
+    quiet_libraries(verbose=False)  # no transformers load report / progress bars around our lines
     from grnformer_ds.grn import has_grn_assets
     from grnformer_ds.inference import load_model
     from grnformer_ds.inference.tf_attention import collect_key_attention, plot_tf_attention, tf_attention_summary

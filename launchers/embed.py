@@ -55,6 +55,9 @@ def _distributed():
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from grnformer_ds.training.console import quiet_libraries
+
+    quiet_libraries(verbose=False)  # no transformers load report / progress bars around our lines
     import numpy as np
     import torch
 

@@ -107,6 +107,8 @@ def map_to_reference(query_path: str, reference_path: str, model_dir: str, k: in
     from ..store import open_store
     from .assets import has_grn_assets
 
+    if not os.path.isdir(reference_path):
+        raise UserInputError("reference store directory not found", reference_path)
     if not has_grn_assets(reference_path):
         raise UserInputError("the reference store has no GRN assets (build them first)", reference_path)
     ref, query = open_store(reference_path), open_store(query_path)
@@ -116,8 +118,8 @@ def map_to_reference(query_path: str, reference_path: str, model_dir: str, k: in
         raise UserInputError("the reference store has no cell types (build it with --cell-type-key)", reference_path)
     if k < 1:
         raise UserInputError(f"--k must be >= 1, got {k}")
+    model = load_model(model_dir)  # checks the folder's files first
     vocab = {t: int(i) for t, i in load_json_object(os.path.join(model_dir, "vocab.json"), "vocabulary").items()}
-    model = load_model(model_dir)
     log(f"reference mapping: embedding {ref.n_cells:,} reference and {query.n_cells:,} query cells with {model_dir}")
     ref_emb = embed(model, ref, vocab=vocab, graphs=False).cells
     query_emb = embed(model, query, vocab=vocab, graphs=False).cells
