@@ -72,6 +72,8 @@ def test_registered_auto_classes_roundtrip(tmp_path, backbone):
         "AutoConfig": "configuration_grnformer.GRNFormerConfig",
         "AutoModel": "modeling_grnformer.GRNFormerModel",
         "AutoModelForMaskedLM": "modeling_grnformer.GRNFormerForMaskedLM",
+        # a pretrained folder also loads as the fine-tuning classifier (`from_pretrained(..., num_labels=K)`)
+        "AutoModelForSequenceClassification": "modeling_grnformer.GRNFormerForCellClassification",
     }
     copied = sorted(p.name for p in export.glob("*.py"))
     for needed in ("configuration_grnformer.py", "modeling_grnformer.py", "attention.py", "gnn.py", "fusion.py",

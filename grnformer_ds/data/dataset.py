@@ -94,6 +94,11 @@ class StreamingCellDataset(IterableDataset):
         cell_keyed_random: each cell's random tokenization draws (binning ties, the gene subset of a long cell,
             masking) come from a generator seeded by (seed, cell index) instead of the batch's, so a cell's tokens do
             not depend on the batching (`cell_random`; inference).
+        cells: (n,) int store positions: stream only these cells (with ``split="all"``; e.g. a fine-tuning split,
+            `tasks.splits`). Blocks are ``block_size`` consecutive cells of the sorted subset, each read as the
+            store range it spans.
+        cell_labels: (n_cells,) array over store positions: every batch gets ``labels`` = the values of its cells
+            (``(n_cells_in_batch,)``, in place of the collator's masked-value labels; a task's targets, `tasks`).
         Collator options (max_seq_len, n_bins, mask_ratio, mask_value, pad_value, pad_to_max_len, ...) pass through
             ``collator_kwargs`` or the keyword arguments of the same name; None leaves the backbone collator's own
             default (e.g. ``mask_ratio`` 0.15 for scGPT, 0.3 for scFoundation).
@@ -107,7 +112,8 @@ class StreamingCellDataset(IterableDataset):
                  graphs: bool | None = None, edge_perturbation: float = 0.2, graph_layout: str = "coo",
                  undirected_graphs: bool = True, max_seq_len: int | None = None, n_bins: int | None = None,
                  mask_ratio: float | None = None, mask_value: float | None = None, pad_value: float | None = None,
-                 pad_to_max_len: bool = False, collator_kwargs: dict | None = None, cell_keyed_random: bool = False):
+                 pad_to_max_len: bool = False, collator_kwargs: dict | None = None, cell_keyed_random: bool = False,
+                 cells: np.ndarray | None = None, cell_labels: np.ndarray | None = None):
         super().__init__()
         collator_cls = get_collator(backbone)
         if (batch_size is None) == (max_tokens is None):
@@ -136,6 +142,21 @@ class StreamingCellDataset(IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.backbone, self.split = backbone, split
         self.lo, self.hi = split_range(self.reader.n_cells, split, eval_fraction)
+        self.subset = None  # sorted store positions of `cells`; the plans then run over positions [0, n) of it
+        if cells is not None:
+            if split != "all":
+                raise UserInputError("cells= selects its own cells: use it with split='all'")
+            subset = np.unique(np.asarray(cells, dtype=np.int64))
+            if len(subset) == 0 or subset[0] < 0 or subset[-1] >= self.reader.n_cells:
+                raise UserInputError(f"cells= must be a non-empty set of store positions in [0, "
+                                     f"{self.reader.n_cells})", path=str(self.store))
+            self.subset, self.lo, self.hi = subset, 0, len(subset)
+        self.cell_labels = None
+        if cell_labels is not None:
+            self.cell_labels = np.asarray(cell_labels)
+            if len(self.cell_labels) != self.reader.n_cells:
+                raise UserInputError(f"cell_labels has {len(self.cell_labels)} values for {self.reader.n_cells} "
+                                     f"cells", path=str(self.store))
         self.training = (split != "eval") if training is None else bool(training)
         self.shuffle = self.training if shuffle is None else bool(shuffle)
         self.drop_last = self.training if drop_last is None else bool(drop_last)
@@ -167,7 +188,7 @@ class StreamingCellDataset(IterableDataset):
         # packed layout: every cell's token count, known before reading it (stored genes from X/indptr)
         self._cell_tokens = None
         if self.packed:
-            counts = self.collator.cell_tokens(self.reader.row_nnz(self.lo, self.hi))
+            counts = self.collator.cell_tokens(self._row_nnz())
             self._cell_tokens = counts.astype(np.uint16 if self.collator.max_cell_tokens < 2 ** 16 else np.int32)
         self._plans: OrderedDict[int, EpochPlan | PackedEpochPlan] = OrderedDict()
 
@@ -177,6 +198,12 @@ class StreamingCellDataset(IterableDataset):
         self._managed = False  # set by StatefulCellLoader, which keeps `_consumed` current for worker processes
         self._ring_slots = 4  # shared-memory slots per worker (`worker_transport`), set by StatefulCellLoader
         self._cache: OrderedDict[int, CellRows] = OrderedDict()
+
+    def _row_nnz(self) -> np.ndarray:
+        """Stored genes of each cell of the split, in plan order."""
+        if self.subset is None:
+            return self.reader.row_nnz(self.lo, self.hi)
+        return self.reader.row_nnz(int(self.subset[0]), int(self.subset[-1]) + 1)[self.subset - self.subset[0]]
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -242,7 +269,13 @@ class StreamingCellDataset(IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_consumed": self._consumed, "seed": self.seed,
                 "batch_size": self.batch_size, "max_tokens": self.max_tokens, "world_size": self.world_size,
-                "rank": self.rank, "split": self.split, "split_range": [self.lo, self.hi], "backbone": self.backbone}
+                "rank": self.rank, "split": self.split, "split_range": [self.lo, self.hi], "backbone": self.backbone,
+                **({} if self.subset is None else {"cells_sha1": self._subset_digest()})}
+
+    def _subset_digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha1(self.subset.tobytes()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "batch_size", "max_tokens", "world_size", "split"):
@@ -252,6 +285,8 @@ class StreamingCellDataset(IterableDataset):
         if "split_range" in state and list(state["split_range"]) != [self.lo, self.hi]:
             raise UserInputError(f"cannot resume data position: split cells {state['split_range']} != "
                                  f"{[self.lo, self.hi]} (store or eval_fraction changed)")
+        if self.subset is not None and state.get("cells_sha1", self._subset_digest()) != self._subset_digest():
+            raise UserInputError("cannot resume data position: the split's cells changed")
         self.epoch, self._consumed = int(state["epoch"]), int(state["batches_consumed"])
 
     def _advance(self, n: int = 1) -> None:
@@ -267,7 +302,15 @@ class StreamingCellDataset(IterableDataset):
     def _block(self, b: int, with_active: bool) -> CellRows:
         """Block ``b`` of the split (``block_size`` contiguous cells), through the per-worker LRU cache."""
         rows = self._cache.get(b)
-        if rows is None:
+        if rows is None and self.subset is not None:
+            # the block's cells of the subset, read as the store range they span
+            pos = self.subset[b * self.block_size:(b + 1) * self.block_size]
+            g0 = int(pos[0])
+            rows = self.reader.read_range(g0, int(pos[-1]) + 1, with_active).take(pos - g0)
+            self._cache[b] = rows
+            while len(self._cache) > self._cache_blocks:
+                self._cache.popitem(last=False)
+        elif rows is None:
             g0 = self.lo + b * self.block_size
             rows = self.reader.read_range(g0, min(g0 + self.block_size, self.hi), with_active)
             self._cache[b] = rows
@@ -312,6 +355,8 @@ class StreamingCellDataset(IterableDataset):
         rng = CellKeyedRandom(self.seed, rows.cell_index) if self.cell_keyed_random else batch_rng(
             self.seed, plan.epoch, g, 0)
         out, slot_genes = self.collator(rows, rng)
+        if self.cell_labels is not None:
+            out["labels"] = torch.from_numpy(np.ascontiguousarray(self.cell_labels[rows.cell_index]))
         if self.graph_builder is not None:
             segments = out["cu_seq_lens_q"].numpy() if self.packed else None
             out.update(self.graph_builder(slot_genes, rows.cell_type, rows.active_regulons,
@@ -380,6 +425,9 @@ class StatefulCellLoader:
             prefetch_factor = 2 if prefetch_factor is None else int(prefetch_factor)  # the DataLoader's default
             # a worker holds at most prefetch_factor batches the main process has not received + the one it copies
             dataset._ring_slots = prefetch_factor + 2
+        # the DataLoader draws its workers' base seed when an iterator starts: from its own generator, so starting
+        # one (each epoch, or first after a resume) leaves the global torch RNG (dropout) where it was
+        kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.seed))
         # with workers the receiver pins (the DataLoader would pin the slot message, not the batch)
         self.pin_memory = bool(pin_memory) and self.num_workers > 0 and _has_accelerator()
         self.loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,

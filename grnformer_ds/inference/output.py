@@ -37,7 +37,7 @@ def h5ad_store(h5ad: str, out: str, vocab_path: str, cell_type_key: str | None, 
     return out
 
 
-def _store_obs(store) -> pd.DataFrame:
+def store_obs(store) -> pd.DataFrame:
     """The store's obs (cell names; cell_index, cell_type, source_file, library_size, n_genes), in store order."""
     import anndata as ad
     import zarr
@@ -47,7 +47,7 @@ def _store_obs(store) -> pd.DataFrame:
     return obs.sort_values("cell_index", kind="stable") if "cell_index" in obs else obs
 
 
-def _input_obs(h5ad: str) -> pd.DataFrame:
+def input_obs(h5ad: str) -> pd.DataFrame:
     import anndata as ad
     import h5py
 
@@ -64,11 +64,11 @@ def cells_anndata(store, emb: Embeddings, gene_embeddings: np.ndarray | None, h5
     if len(emb.cell_index) != store.n_cells or not np.array_equal(emb.cell_index, np.arange(store.n_cells)):
         raise UserInputError(f"embeddings cover {len(emb.cell_index)} of the store's {store.n_cells} cells",
                              str(store.path))
-    obs = _store_obs(store)
+    obs = store_obs(store)
     cells = emb.cells
     obs.index = obs.index.astype(str)
     if h5ad is not None:
-        source = _input_obs(h5ad)
+        source = input_obs(h5ad)
         source.index = source.index.astype(str)
         if source.index.is_unique and obs.index.is_unique and set(obs.index) <= set(source.index):
             order = pd.Index(obs.index).get_indexer([n for n in source.index if n in set(obs.index)])

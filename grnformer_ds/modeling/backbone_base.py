@@ -170,6 +170,10 @@ class Backbone:
             return structure_states.unsqueeze(0)
         return structure_states.reshape(emb.n_cells, -1, structure_states.shape[-1])
 
+    def cell_embedding_size(self, config) -> int:
+        """H', the width of `cell_embedding` (what a task head on the cell embedding takes)."""
+        return config.hidden_size
+
     def cell_embedding(self, model, emb: Embedded, states: torch.Tensor) -> torch.Tensor:
         """Token states (B, Lt, H) padded / (Tt, H) packed -> (B, H') cell embedding."""
         return pool(states, emb, model.config.cell_embedding_pooling)

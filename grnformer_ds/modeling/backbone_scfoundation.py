@@ -118,6 +118,9 @@ class ScFoundationBackbone(Backbone):
             return states[emb.extras["ts_slots"]].reshape(emb.n_cells, 2, -1)
         return states[:, :2]
 
+    def cell_embedding_size(self, config) -> int:
+        return 4 * config.hidden_size if config.cell_embedding_pooling == "all" else config.hidden_size
+
     def cell_embedding(self, model, emb: Embedded, states: torch.Tensor) -> torch.Tensor:
         pooling = model.config.cell_embedding_pooling
         pool = (lambda how: pool_packed(states, emb, how)) if emb.packed else (

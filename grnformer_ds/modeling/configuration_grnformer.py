@@ -77,6 +77,9 @@ class GRNFormerConfig(PretrainedConfig):
         fusion_position (`str`, "replace"): "replace" the last encoder layer (paper default) or "after" it.
         fusion_num_attention_heads (`int`, None = num_attention_heads).
         fusion_beta_init (`float`, 1.0): initial value of the learnable β in `h = h_expr + β·h_fusion`.
+        classifier_hidden_layers (`int`, 2), classifier_dropout (`float`, 0.1): the cell-level task head
+            (`GRNFormerForCellClassification`; scGPT's ClsDecoder has 2 hidden blocks). With HF's `num_labels`,
+            `id2label` / `label2id` and `problem_type`.
     """
 
     model_type = "grnformer"
@@ -127,6 +130,8 @@ class GRNFormerConfig(PretrainedConfig):
         fusion_position: str = "replace",
         fusion_num_attention_heads: int | None = None,
         fusion_beta_init: float = 1.0,
+        classifier_hidden_layers: int = 2,
+        classifier_dropout: float = 0.1,
         **kwargs,
     ):
         self.backbone = backbone
@@ -172,6 +177,8 @@ class GRNFormerConfig(PretrainedConfig):
         self.fusion_position = fusion_position
         self.fusion_num_attention_heads = fusion_num_attention_heads
         self.fusion_beta_init = fusion_beta_init
+        self.classifier_hidden_layers = classifier_hidden_layers
+        self.classifier_dropout = classifier_dropout
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         spec = self.backbone_spec
         if self.backbone_module is None and type(spec).__module__.rpartition(".")[0] != __name__.rpartition(".")[0]:

@@ -7,6 +7,8 @@
   PerformerModule. Layers: pre-norm, GELU FFN, and either FAVOR+ attention (`decoder_attention="performer"`,
   scFoundation's, linear in the number of genes; `performer.py`) or exact attention through the model's attention
   dispatch (`"exact"`, the default for a new model; flash-attn varlen keeps it affordable on a GPU).
+- `CellClassifier` (task heads on the cell embedding; scGPT's ClsDecoder): n x [Linear(H', H') -> ReLU ->
+  LayerNorm] -> Dropout -> Linear(H', num_labels).
 """
 from __future__ import annotations
 
@@ -71,3 +73,21 @@ class ScFoundationDecoder(nn.Module):
             x = layer(x, attention_mask=attention_mask)
         x = self.norm(self.layers_norm(x))
         return self.to_final(x).squeeze(-1), x
+
+
+class CellClassifier(nn.Module):
+    """Cell embedding (B, H') -> logits (B, num_labels). `hidden_layers` blocks of Linear -> ReLU -> LayerNorm as
+    scGPT's ClsDecoder (its default nlayers=3 = 2 blocks + the output layer), then dropout and the output layer."""
+
+    def __init__(self, in_size: int, num_labels: int, hidden_layers: int = 2, dropout: float = 0.0,
+                 eps: float = 1e-5):
+        super().__init__()
+        blocks = []
+        for _ in range(hidden_layers):
+            blocks += [nn.Linear(in_size, in_size), nn.ReLU(), nn.LayerNorm(in_size, eps=eps)]
+        self.blocks = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(in_size, num_labels)
+
+    def forward(self, cell_embedding: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(self.blocks(cell_embedding)))

@@ -1,5 +1,6 @@
-"""GRNFormer models in HF transformers style: `GRNFormerModel` (backbone encoder + GRN fusion) and
-`GRNFormerForMaskedLM` (+ the backbone's pretraining head).
+"""GRNFormer models in HF transformers style: `GRNFormerModel` (backbone encoder + GRN fusion),
+`GRNFormerForMaskedLM` (+ the backbone's pretraining head) and `GRNFormerForCellClassification` (+ a classifier on the
+cell embedding; fine-tuning).
 
 The shared pieces live here: encoder layers (one attention dispatch), the torch-geometric structure encoder, the
 fusion adapter, the final norm, the loss sum. What differs between backbones (embeddings, extra tokens, how structure
@@ -74,6 +75,24 @@ class GRNFormerModelOutput(ModelOutput):
 
 
 @dataclass
+class GRNFormerCellClassifierOutput(ModelOutput):
+    """
+    loss: cross-entropy over the cells whose label != -100 (single_label_classification; the mean, or the sum
+        divided by `num_items_in_batch` when it is given), or MSE for `num_labels == 1` (regression).
+    logits: (B, num_labels) per cell (packed: the B real cells).
+    cell_embedding, last_hidden_state, hidden_states, structure_states, fusion_attentions: from the encoder.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cell_embedding: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    structure_states: torch.Tensor | None = None
+    fusion_attentions: torch.Tensor | None = None
+
+
+@dataclass
 class GRNFormerMaskedLMOutput(ModelOutput):
     """
     loss: the sum of `loss_terms`: masked-value MSE over positions whose label != -100 (the mean, or the sum
@@ -138,6 +157,7 @@ class GRNFormerPreTrainedModel(PreTrainedModel):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModel", f"{module}.GRNFormerModel")
         auto_map.setdefault("AutoModelForMaskedLM", f"{module}.GRNFormerForMaskedLM")
+        auto_map.setdefault("AutoModelForSequenceClassification", f"{module}.GRNFormerForCellClassification")
         self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -432,3 +452,102 @@ class GRNFormerForMaskedLM(GRNFormerPreTrainedModel):
             loss_terms=terms,
         )
         return out if return_dict else out.to_tuple()
+
+
+class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
+    """GRNFormer with a classifier on the cell embedding (`heads.CellClassifier`): cell-type annotation, per-cell
+    drug response, ... (the fine-tuning tasks, `grnformer_ds.tasks`). Load a pretrained folder with
+    `from_pretrained(folder, num_labels=K)`: the encoder's weights are kept, the pretraining head's are left out and
+    the classifier is new. `num_labels == 1` is regression (MSE)."""
+
+    _keys_to_ignore_on_load_missing = {r"^classifier\."}
+
+    def __init__(self, config: GRNFormerConfig, build_structure_encoder: bool = True):
+        super().__init__(config)
+        from .heads import CellClassifier
+
+        self.num_labels = config.num_labels
+        self.grnformer = GRNFormerModel(config, build_structure_encoder=build_structure_encoder)
+        self.classifier = CellClassifier(config.backbone_spec.cell_embedding_size(config), config.num_labels,
+                                         config.classifier_hidden_layers, config.classifier_dropout,
+                                         config.layer_norm_eps)
+        self.post_init()
+        # a pretrained folder's head (expression decoder, ...) has no place here: expected leftovers
+        self._keys_to_ignore_on_load_unexpected = {r"^(?!(?:grnformer|classifier)\.)"}
+
+    def build_structure_encoder(self):
+        """See `GRNFormerModel.build_structure_encoder`."""
+        return self.grnformer.build_structure_encoder()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.grnformer.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        total_counts: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        celltype_edge_index: torch.Tensor | None = None,
+        celltype_edge_weight: torch.Tensor | None = None,
+        cell_edge_index: torch.Tensor | None = None,
+        cell_edge_weight: torch.Tensor | None = None,
+        graph_layout: str | None = None,
+        batch: torch.Tensor | None = None,
+        ptr: torch.Tensor | None = None,
+        cell_index: torch.Tensor | None = None,
+        cell_type_ids: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | float | None = None,
+        output_hidden_states: bool | None = None,
+        output_fusion_attentions: bool = False,
+        return_dict: bool | None = None,
+        **backbone_inputs,
+    ):
+        """
+        Args (beyond `GRNFormerModel.forward`):
+            labels: (B,) int64 class per cell, -100 = ignored (float for regression). The backbone's pretraining
+                inputs (e.g. scFoundation's `decoder_values`) are accepted and ignored.
+            num_items_in_batch: divide the summed per-cell losses by this instead of this batch's labelled cells
+                (the trainer passes the count of the whole optimizer step).
+        Returns:
+            `GRNFormerCellClassifierOutput` (or a tuple when return_dict=False).
+        """
+        model = self.grnformer
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        given = {"total_counts": total_counts, **backbone_inputs}
+        enc, _ = model.encode(
+            input_ids, values, attention_mask=attention_mask, cu_seq_lens_q=cu_seq_lens_q,
+            max_length_q=max_length_q, cell_index=cell_index,
+            graphs=model._graphs(celltype_edge_index, celltype_edge_weight, cell_edge_index, cell_edge_weight),
+            graph_layout=graph_layout, inputs=model.backbone_inputs(model.backbone_spec.model_inputs, given),
+            output_hidden_states=output_hidden_states, output_fusion_attentions=output_fusion_attentions)
+        logits = self.classifier(enc.cell_embedding)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = cell_loss(logits, labels, num_items_in_batch)
+        out = GRNFormerCellClassifierOutput(
+            loss=loss, logits=logits, cell_embedding=enc.cell_embedding, last_hidden_state=enc.last_hidden_state,
+            hidden_states=enc.hidden_states, structure_states=enc.structure_states,
+            fusion_attentions=enc.fusion_attentions)
+        return out if return_dict else out.to_tuple()
+
+
+def cell_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy (logits (B, C), labels (B,) int64, -100 ignored) or, for C == 1, MSE against float labels;
+    summed over the labelled cells and divided by `num_items_in_batch` (default: their count, i.e. the mean)."""
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        keep = labels != IGNORE_INDEX
+        per_cell = (logits[:, 0] - labels.to(logits.dtype)) ** 2
+        total = (per_cell * keep).sum()
+        count = keep.sum()
+    else:
+        total = nn.functional.cross_entropy(logits, labels.long(), ignore_index=int(IGNORE_INDEX), reduction="sum")
+        count = (labels != IGNORE_INDEX).sum()
+    denom = count.clamp(min=1).to(total.dtype) if num_items_in_batch is None else num_items_in_batch
+    return total / denom

@@ -116,16 +116,17 @@ def find_latest(ckpt_root: str) -> str | None:
     return tags[-1] if tags else None
 
 
-def _prune(ckpt_root: str, keep_last: int, current: str) -> None:
-    """Keep the newest `keep_last` complete tags; drop older ones and unfinished leftovers (never `current`)."""
-    keep = set(complete_tags(ckpt_root)[-keep_last:]) | {current}
+def _prune(ckpt_root: str, keep_last: int, current: str, protect: tuple[str, ...] = ()) -> None:
+    """Keep the newest `keep_last` complete tags; drop older ones and unfinished leftovers (never `current`, nor a
+    `protect`ed tag such as the best one of early stopping)."""
+    keep = set(complete_tags(ckpt_root)[-keep_last:]) | {current} | set(protect)
     for name in os.listdir(ckpt_root):
         if _TAG_RE.match(name) and name not in keep:
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
 
 
 def save_checkpoint(engine, ckpt_root: str, step: int, trainer_state: dict[str, Any],
-                    rank_state: dict[str, Any], keep_last: int = 2) -> str | None:
+                    rank_state: dict[str, Any], keep_last: int = 2, protect: tuple[str, ...] = ()) -> str | None:
     """Save a complete checkpoint for optimizer step `step` (all ranks call this). Returns the tag, or None when the
     weights are not finite (nothing is written then).
 
@@ -155,9 +156,17 @@ def save_checkpoint(engine, ckpt_root: str, step: int, trainer_state: dict[str, 
         atomic_write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps({**trainer_state, "step": step}, indent=1))
         atomic_write_text(os.path.join(tag_dir, COMPLETE), tag + "\n")
         atomic_write_text(os.path.join(ckpt_root, LATEST), tag)
-        _prune(ckpt_root, keep_last, tag)
+        _prune(ckpt_root, keep_last, tag, protect)
     _barrier()
     return tag
+
+
+def load_weights(engine, ckpt_root: str, tag: str) -> None:
+    """Load only the model weights of checkpoint `tag` into `engine` (all ranks), e.g. the best one before testing."""
+    load_path, _ = engine.load_checkpoint(ckpt_root, tag=tag, load_module_only=True, load_optimizer_states=False,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_root, tag)}")
 
 
 def load_checkpoint(engine, ckpt_root: str, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -4,10 +4,11 @@ The folder holds `model.safetensors` (fp32 master weights, consolidated), `confi
 modeling code (copied by transformers' `custom_object_save` from `grnformer_ds/modeling/`, which only uses relative
 imports) and `vocab.json` (the gene vocabulary). It loads offline without grnformer_ds installed:
 
-    AutoModelForMaskedLM.from_pretrained(HF_DIR, trust_remote_code=True)
+    AutoModelForMaskedLM.from_pretrained(HF_DIR, trust_remote_code=True)                  # a pretraining run
+    AutoModelForSequenceClassification.from_pretrained(HF_DIR, trust_remote_code=True)    # a cell-level fine-tune
 
-A run records what the export needs next to its checkpoints: `model_config.json` (the GRNFormerConfig) and
-`vocab.json`, in the checkpoints folder.
+A run records what the export needs next to its checkpoints: `model_config.json` (the GRNFormerConfig, whose
+`architectures` names the run's model class, set by its task) and `vocab.json`, in the checkpoints folder.
 """
 from __future__ import annotations
 
@@ -43,9 +44,12 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
                          "global_stepN dir with a COMPLETE marker)", path)
 
 
-def write_run_assets(ckpt_root: str, config, vocab: dict[str, int]) -> None:
-    """Record the model config and the gene vocabulary next to the checkpoints (rank 0, once per run)."""
+def write_run_assets(ckpt_root: str, config, vocab: dict[str, int], model_class=None) -> None:
+    """Record the model config (with `architectures` = the run's model class) and the gene vocabulary next to the
+    checkpoints (rank 0, once per run)."""
     os.makedirs(ckpt_root, exist_ok=True)
+    if model_class is not None:
+        config.architectures = [model_class.__name__]
     ckpt.atomic_write_text(os.path.join(ckpt_root, MODEL_CONFIG), config.to_json_string())
     ckpt.atomic_write_text(os.path.join(ckpt_root, VOCAB), json.dumps(vocab, indent=0, sort_keys=False))
 
@@ -69,8 +73,10 @@ def load_run_assets(ckpt_root: str):
 
 def save_hf_folder(model, vocab: dict[str, int], out_dir: str) -> str:
     """`save_pretrained` with remote code + `vocab.json`. Writes to `<out>.tmp` then renames (no half folder)."""
+    from grnformer_ds.modeling import AUTO_CLASSES
+
     model.config.register_for_auto_class()
-    type(model).register_for_auto_class("AutoModelForMaskedLM")
+    type(model).register_for_auto_class(AUTO_CLASSES[type(model)])
     out_dir = os.path.abspath(out_dir)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,9 +128,10 @@ def restore_frozen_weights(ckpt_root: str, state: dict) -> int:
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, tag: str | None = None) -> str:
-    """Consolidate the checkpoint's fp32 weights, load them into `GRNFormerForMaskedLM` (strictly) and save the
-    HF folder. Returns `out_dir`."""
-    from grnformer_ds.modeling import GRNFormerForMaskedLM
+    """Consolidate the checkpoint's fp32 weights, load them (strictly) into the run's model class (its config's
+    `architectures`; `GRNFormerForMaskedLM` for runs that did not record one) and save the HF folder. Returns
+    `out_dir`."""
+    from grnformer_ds.modeling import model_class
     from grnformer_ds.training.engine import consolidate_fp32
 
     root, found = resolve_checkpoint(checkpoint)
@@ -132,7 +139,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, tag: str | None = None) -> 
     config, vocab = load_run_assets(root)
     state = consolidate_fp32(root, tag)
     restore_frozen_weights(root, state)
-    model = GRNFormerForMaskedLM(config)
+    try:
+        cls = model_class((config.architectures or ["GRNFormerForMaskedLM"])[0])
+    except ValueError as exc:
+        raise UserInputError(str(exc), os.path.join(root, MODEL_CONFIG)) from None
+    model = cls(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied/shared parameters are stored once by DeepSpeed; anything else missing is a real mismatch.
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

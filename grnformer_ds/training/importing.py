@@ -113,30 +113,43 @@ def init_from_config(hf_dir: str, store, use_graph: bool, say: Callable[[str], N
         config.fusion_position = "after"  # keep every pretrained layer
         config.fusion_beta_init = 0.0  # outputs = the foundation model's at step 0
     elif not graphs:
+        if config.use_graph and config.fusion_position == "replace":
+            why = "--no-graph" if store_has_graphs(store) else "the store has no GRN assets"
+            raise UserInputError(f"{why}, but the model's GRN fusion replaces its last transformer layer "
+                                 f"(fusion_position='replace'): without graphs it has no weights for that layer; "
+                                 f"give a store with GRN assets (data_prep/build_grn.py) or a model trained with "
+                                 f"fusion_position='after' or without graphs", hf_dir)
         config.use_graph = False
     config.validate_grnformer()
     weights = load_file(os.path.join(hf_dir, "model.safetensors"))
     return config, weights
 
 
-def load_init_weights(model, weights: dict, say: Callable[[str], None]) -> list[str]:
-    """Load `weights` into `model`; returns the names of its parameters that were not in them (the new GRN parts).
-    Anything else missing, or a shape that differs, is a one-line error."""
+def load_init_weights(model, weights: dict, say: Callable[[str], None], head_prefixes: tuple[str, ...] = (),
+                      flag: str = "--init-from") -> list[str]:
+    """Load `weights` into `model`; returns the names of its parameters that were not in them (the new GRN parts,
+    and a task head: `head_prefixes`). Anything else missing, or a shape that differs, is a one-line error."""
+    new_parts = NEW_PARTS + tuple(head_prefixes)
     own = model.state_dict()
     bad = [k for k, v in weights.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if bad:
-        raise UserInputError(f"--init-from: {bad[0]} has shape {tuple(weights[bad[0]].shape)}, the model "
+        raise UserInputError(f"{flag}: {bad[0]} has shape {tuple(weights[bad[0]].shape)}, the model "
                              f"{tuple(own[bad[0]].shape)}")
     missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
-    other = [k for k in missing if not k.startswith(NEW_PARTS)]
+    other = [k for k in missing if not k.startswith(new_parts)]
     if other:
-        raise UserInputError(f"--init-from: no weights for {len(other)} parameters of the backbone (first: "
+        raise UserInputError(f"{flag}: no weights for {len(other)} parameters of the backbone (first: "
                              f"{other[0]})")
     skipped = [k for k in weights if k not in own]
     new = [n for n, _ in model.named_parameters() if n in set(missing)]
-    say(f"init: {len(own) - len(missing):,} tensors from the folder, {len(new)} new parameters (GRN structure "
-        f"encoder + fusion, beta = {_beta(model):g})"
-        + (f"; {len(skipped)} folder tensors not used (--no-graph)" if skipped else ""))
+    parts = [what for what, prefixes in (("GRN structure encoder + fusion", NEW_PARTS), ("task head", head_prefixes))
+             if prefixes and any(n.startswith(prefixes) for n in new)]
+    beta = f", beta = {_beta(model):g}" if any(n.startswith(NEW_PARTS) for n in new) else ""
+    groups = sorted({k.split(".")[0] if not k.startswith("grnformer.") else ".".join(k.split(".")[:2])
+                     for k in skipped})
+    say(f"init: {len(own) - len(missing):,} tensors from the folder, {len(new)} new parameters"
+        + (f" ({', '.join(parts)}{beta})" if parts else "")
+        + (f"; {len(skipped)} folder tensors not used ({', '.join(groups)})" if skipped else ""))
     return new
 
 

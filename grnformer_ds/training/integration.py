@@ -152,10 +152,10 @@ def wants_zero_init(config) -> bool:
     return approx > 1e9
 
 
-def build_model(config, zero_init_ctx=None, dtype: torch.dtype = torch.float32):
-    """GRNFormerForMaskedLM; with a `deepspeed.zero.Init` context (`zero_init_ctx`) the transformer is built
-    partitioned and the torch-geometric structure encoder outside it (PyG's reset_parameters cannot run on
-    partitioned parameters).
+def build_model(config, zero_init_ctx=None, dtype: torch.dtype = torch.float32, model_class=None):
+    """`model_class` (a task's; default GRNFormerForMaskedLM); with a `deepspeed.zero.Init` context
+    (`zero_init_ctx`) the transformer is built partitioned and the torch-geometric structure encoder outside it (PyG's
+    reset_parameters cannot run on partitioned parameters).
 
     Under zero.Init HF's weight init cannot write the empty shards, so the model is built under `no_init_weights()`
     and initialised afterwards by transformers' `initialize_weights_zero3` (gathers each module's shards, rank 0
@@ -164,13 +164,14 @@ def build_model(config, zero_init_ctx=None, dtype: torch.dtype = torch.float32):
     """
     from grnformer_ds.modeling import GRNFormerForMaskedLM
 
+    cls = model_class or GRNFormerForMaskedLM
     if zero_init_ctx is None or isinstance(zero_init_ctx, contextlib.nullcontext):
-        return GRNFormerForMaskedLM(config)
+        return cls(config)
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import initialize_weights_zero3
 
     with zero_init_ctx, no_init_weights():
-        model = GRNFormerForMaskedLM(config, build_structure_encoder=False)
+        model = cls(config, build_structure_encoder=False)
     initialize_weights_zero3(model)
     encoder = model.build_structure_encoder()
     if encoder is not None:  # zero.Init cast the rest to the training dtype; ZeRO-3 needs one dtype throughout
@@ -190,7 +191,7 @@ def fit_baselines(store_path: str, config, settings, resolved, info, args, devic
     from grnformer_ds.data import StreamingCellDataset
     from grnformer_ds.training.baselines import TrivialBaselines
 
-    kw = {**_dataset_kwargs(config, settings, resolved, info, args), "graphs": False}
+    kw = {**dataset_kwargs(config, settings, resolved, info, args), "graphs": False}
     dataset = StreamingCellDataset(store_path, split="train", **kw)
     baselines, cells, quota = TrivialBaselines(config.vocab_size), 0, -(-BASELINE_CELLS // info.world_size)
     for batch in dataset:
@@ -263,7 +264,7 @@ def resolve_batch_layout(config, settings, resolved, info, args) -> None:
         b.pad_to_max_tokens = settings.compile
 
 
-def _dataset_kwargs(config, settings, resolved, info, args) -> dict[str, Any]:
+def dataset_kwargs(config, settings, resolved, info, args) -> dict[str, Any]:
     from grnformer_ds.data import get_collator
 
     layout = (dict(max_tokens=settings.batch.max_tokens, pad_to_max_tokens=bool(settings.batch.pad_to_max_tokens))
@@ -290,7 +291,7 @@ def build_datasets(store_path: str, config, settings, resolved, info, args):
     graphs in the structure encoder's final form (undirected as the config says, sorted by destination)."""
     from grnformer_ds.data import StatefulCellLoader, StreamingCellDataset
 
-    kw = _dataset_kwargs(config, settings, resolved, info, args)
+    kw = dataset_kwargs(config, settings, resolved, info, args)
     train = StreamingCellDataset(store_path, split="train", **kw)
     loader = StatefulCellLoader(train, num_workers=settings.num_workers, pin_memory=info.has_gpu,
                                 prefetch_factor=4 if settings.num_workers else None)

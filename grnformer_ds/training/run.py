@@ -1,6 +1,9 @@
-"""`run_pretraining(args)`: store → streaming dataset → model → DeepSpeed engine → Trainer → HF export.
+"""`run_task(args, task)`: store → streaming dataset → model → DeepSpeed engine → Trainer → HF export, for
+pretraining (`run_pretraining`) and every fine-tuning task (`run_finetuning`; `grnformer_ds.tasks`).
 
-The launcher (launchers/pretrain.py) only parses arguments; everything here is importable and testable.
+The task supplies its model class, data, held-out evaluation and end-of-run report (`tasks.base.Task`); everything
+else (distributed start-up, run directory, DeepSpeed config, engine, checkpoints and resume, MLflow, export) is the
+same code for all of them. The launchers (launchers/pretrain.py, launchers/finetune.py) only parse arguments.
 """
 from __future__ import annotations
 
@@ -24,16 +27,19 @@ from grnformer_ds.training.settings import BatchSettings, OptimSettings, RunSett
 # where a run without --output-dir gets its own timestamped directory (run_dir.py).
 DEMO = dict(preset="debug", max_steps=100, lr=3e-3, eval_every=25, save_every=50, runs_root="runs/demo")
 FULL = dict(preset="small", max_steps=10000, lr=1e-4, eval_every=500, save_every=500, runs_root="runs/pretrain")
+# Fine-tuning: --epochs sets the steps, evaluation (and a checkpoint) once per epoch unless given.
+FINETUNE = dict(preset=None, max_steps=1, lr=1e-4, eval_every=1, save_every=1, runs_root="runs/finetune")
 
 
-def settings_from_args(args: Namespace) -> RunSettings:
+def settings_from_args(args: Namespace, fine_tuning: bool = False) -> RunSettings:
     """The run's settings; `output_dir` is --output-dir or, until `choose_run_dir` picks the run's own directory,
-    the runs root."""
-    d = DEMO if args.data is None else FULL
+    the runs root. Fine-tuning's step counts are placeholders until `epoch_schedule` knows the epoch's length."""
+    d = FINETUNE if fine_tuning else DEMO if args.data is None else FULL
     return RunSettings(
         output_dir=args.output_dir or d["runs_root"], data=args.data,
         max_steps=args.max_steps or d["max_steps"], eval_every=args.eval_every or d["eval_every"],
-        eval_batches=args.eval_batches, save_every=args.save_every or d["save_every"], keep_last=args.keep_last,
+        eval_batches=getattr(args, "eval_batches", 4), save_every=args.save_every or d["save_every"],
+        keep_last=args.keep_last,
         log_every=args.log_every, seed=args.seed, precision=args.precision, max_nonfinite=args.max_nonfinite,
         resume=args.resume, num_workers=args.num_workers, export=not args.no_export, progress=not args.no_progress,
         compile=bool(getattr(args, "compile", False)), attn_implementation=getattr(args, "attn_implementation", None),
@@ -58,7 +64,51 @@ def _saved_mlflow_run_id(settings: RunSettings) -> str | None:
         return json.load(fh).get("mlflow_run_id")
 
 
+def epoch_schedule(settings: RunSettings, args: Namespace, batches_per_epoch: int, grad_accum: int) -> RunSettings:
+    """Fine-tuning: --max-steps, or --epochs x optimizer steps per epoch; evaluate and checkpoint every epoch
+    unless --eval-every / --save-every say otherwise."""
+    per_epoch = max(1, batches_per_epoch // grad_accum)
+    max_steps = args.max_steps or max(1, int(round(args.epochs * per_epoch)))
+    return dataclasses.replace(settings, max_steps=max_steps, eval_every=args.eval_every or per_epoch,
+                               save_every=args.save_every or per_epoch)
+
+
 def run_pretraining(args: Namespace) -> int:
+    """launchers/pretrain.py: the masked-value pretraining task."""
+    from grnformer_ds.tasks import get_task
+
+    return run_task(args, get_task("pretrain"))
+
+
+def run_finetuning(args: Namespace) -> int:
+    """launchers/finetune.py: `args.task` from the pretrained folder `args.model`."""
+    from grnformer_ds.tasks import get_task
+
+    return run_task(args, get_task(args.task))
+
+
+def _task_store(args: Namespace, settings: RunSettings, info, say, verbose: bool) -> tuple[str, str | None]:
+    """(store path, the .h5ad it was mapped from or None). Fine-tuning takes an .h5ad too: mapped onto the model's
+    vocabulary as a store in the run directory (kept for --resume)."""
+    data = args.data
+    if data is not None and os.path.isfile(data):
+        if not data.endswith(".h5ad"):
+            raise UserInputError("--data must be a store directory or an .h5ad file", data)
+        if not getattr(args, "model", None):
+            raise UserInputError("an .h5ad --data needs the model whose vocabulary it is mapped onto", data)
+        from grnformer_ds.inference.output import h5ad_store
+
+        path = os.path.join(settings.output_dir, "data_store")
+        if not (settings.resume and os.path.isfile(os.path.join(path, "manifest.json"))):
+            h5ad_store(data, path, os.path.join(args.model, "vocab.json"), getattr(args, "cell_type_key", None),
+                       getattr(args, "layer", None), info.rank, info.world_size, say)
+        return path, data
+    return I.prepare_store(data, args.demo_cache_dir, info.is_main, say, verbose), None
+
+
+def run_task(args: Namespace, task) -> int:
+    from grnformer_ds.modeling import model_class
+    from grnformer_ds.tasks import RunContext
     from grnformer_ds.training.console import muted, quiet_libraries
 
     verbose = bool(getattr(args, "verbose", False))
@@ -68,7 +118,10 @@ def run_pretraining(args: Namespace) -> int:
         # CPU runs share their cores with the model; on GPU the loader must keep up, so use worker processes.
         per_rank = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
         args.num_workers = min(4, max(0, per_rank - 1)) if torch.cuda.is_available() else 0
-    settings = settings_from_args(args)
+    fine_tuning = task.name != "pretrain"
+    if fine_tuning:  # the model to fine-tune is a pretrained folder, as --init-from is for pretraining
+        args.init_from, args.model_preset, args.config, args.backbone = args.model, None, None, None
+    settings = settings_from_args(args, fine_tuning)
     raw_cfg = load_ds_config(args.deepspeed_config)  # a missing/invalid JSON fails before anything heavy
 
     from grnformer_ds.training import engine as E
@@ -88,8 +141,8 @@ def run_pretraining(args: Namespace) -> int:
     settings = dataclasses.replace(settings, output_dir=run_dir.path)
     dist.barrier()  # every rank is past start-up: the cores busy now are other work's (threads.py)
     threads = apply_thread_default()
-    say(f"grnformer_ds pretrain: {info.world_size} rank(s) on {info.device.type}, ZeRO stage {resolved.zero_stage}, "
-        f"{resolved.precision}, {settings.max_steps} steps")
+    say(f"grnformer_ds {task.name}: {info.world_size} rank(s) on {info.device.type}, ZeRO stage "
+        f"{resolved.zero_stage}, {resolved.precision}" + ("" if fine_tuning else f", {settings.max_steps} steps"))
     say(f"run directory: {settings.output_dir}" + (f" ({run_dir.how})" if run_dir.how else ""))
     say(threads.describe())
     for note in resolved.notes:
@@ -107,7 +160,7 @@ def run_pretraining(args: Namespace) -> int:
             import shutil
 
             shutil.rmtree(ckpt_root, ignore_errors=True)
-            for name in ("metrics.jsonl", "ds_config.resolved.json"):
+            for name in ("metrics.jsonl", "ds_config.resolved.json", "test_metrics.json"):
                 if os.path.exists(os.path.join(settings.output_dir, name)):
                     os.remove(os.path.join(settings.output_dir, name))
             shutil.rmtree(os.path.join(settings.output_dir, "hf_model"), ignore_errors=True)
@@ -121,10 +174,14 @@ def run_pretraining(args: Namespace) -> int:
             os.remove(metrics)
 
     # ---- store (the demo store is built once, by rank 0, with GRN graphs)
-    store_path = I.prepare_store(settings.data, args.demo_cache_dir, info.is_main, say, verbose)
+    store_path, h5ad = _task_store(args, settings, info, say, verbose)
     dist.barrier()
     store = I.open_store(store_path)
     say(I.describe_store(store, store_path))
+    run = RunContext(args=args, settings=settings, resolved=resolved, info=info, say=say, store_path=store_path,
+                     store=store, state={"h5ad": h5ad})
+    task.prepare(run)
+    cls = model_class(task.model_class)
 
     # ---- model config (vocabulary must fit) and model
     init_weights = None
@@ -133,7 +190,7 @@ def run_pretraining(args: Namespace) -> int:
 
         given = [f for f, v in (("--model-preset", args.model_preset), ("--config", args.config),
                                 ("--backbone", args.backbone)) if v]
-        if given or args.zero_init == "on":
+        if given or getattr(args, "zero_init", "auto") == "on":
             raise UserInputError(f"--init-from takes the model from {settings.init_from}: drop "
                                  f"{', '.join(given) or '--zero-init on'}")
         preset = f"from {settings.init_from}"
@@ -142,6 +199,8 @@ def run_pretraining(args: Namespace) -> int:
         preset = args.model_preset or (DEMO["preset"] if settings.data is None else FULL["preset"])
         config = I.build_model_config(store, preset, args.config, backbone=args.backbone,
                                       use_graph=not args.no_graph)
+    run.config = config
+    task.configure(config, run)
     I.choose_kernels(config, settings, info, say)
     I.resolve_batch_layout(config, settings, resolved, info, args)
     b = settings.batch
@@ -150,25 +209,30 @@ def run_pretraining(args: Namespace) -> int:
     say(f"batch: {per_step} x accum {resolved.grad_accum} x {info.world_size} rank(s) per step; attention "
         f"{config._attn_implementation}{', torch.compile' if settings.compile else ''}")
     torch.manual_seed(settings.seed)  # identical initial weights on every rank (ZeRO partitions each rank's copy)
-    zero_init = init_weights is None and (args.zero_init == "on" or (args.zero_init == "auto"
-                                                                       and I.wants_zero_init(config)))
+    zero_mode = getattr(args, "zero_init", "auto")
+    zero_init = init_weights is None and (zero_mode == "on" or (zero_mode == "auto" and I.wants_zero_init(config)))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved.precision, torch.float32)
-    model = I.build_model(config, E.zero_init_context(resolved, enabled=zero_init), dtype=dtype)
+    model = I.build_model(config, E.zero_init_context(resolved, enabled=zero_init), dtype=dtype, model_class=cls)
     new_params = None
     if init_weights is not None:
         from grnformer_ds.training.importing import freeze_backbone, load_init_weights
 
-        new_params = load_init_weights(model, init_weights, say)
+        new_params = load_init_weights(model, init_weights, say, task.head_prefixes,
+                                       "--model" if fine_tuning else "--init-from")
         del init_weights
         if settings.freeze_backbone:
             say(f"frozen: {freeze_backbone(model) / 1e6:.2f}M backbone parameters (--freeze-backbone); training the "
                 f"GRN structure encoder, the fusion and the head")
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    say(f"model: preset {preset}, backbone {config.backbone}, graphs {config.use_graph}, {n_params / 1e6:.2f}M "
-        f"parameters{' (zero.Init)' if zero_init and resolved.zero_stage == 3 else ''}")
+    say(f"model: {cls.__name__}, preset {preset}, backbone {config.backbone}, graphs {config.use_graph}, "
+        f"{n_params / 1e6:.2f}M parameters{' (zero.Init)' if zero_init and resolved.zero_stage == 3 else ''}")
 
     # ---- data
-    train_batches, eval_batches = I.build_datasets(store_path, config, settings, resolved, info, args)
+    train_batches, eval_batches = task.datasets(run)
+    if fine_tuning:
+        settings = run.settings = epoch_schedule(settings, args, len(train_batches), resolved.grad_accum)
+        say(f"schedule: {settings.max_steps} steps ({len(train_batches)} micro-batches per epoch and rank), "
+            f"evaluation every {settings.eval_every}")
 
     # ---- engine
     o = settings.optim
@@ -182,6 +246,7 @@ def run_pretraining(args: Namespace) -> int:
     engine = E.build_engine(model, resolved, o.lr, o.weight_decay, o.betas, o.eps,
                             lambda opt: build_scheduler(opt, schedule), has_gpu=info.has_gpu,
                             new_params=set(new_params or ()), new_lr=new_lr)
+    run.engine = engine
     prepare_batch = None
     if settings.compile:
         from grnformer_ds.training.compile import compile_engine
@@ -199,12 +264,13 @@ def run_pretraining(args: Namespace) -> int:
     if info.is_main:
         from grnformer_ds.training.export import write_run_assets
 
-        write_run_assets(ckpt_root, config, I.store_vocab(store))
+        write_run_assets(ckpt_root, config, I.store_vocab(store), cls)
         resolved_path = os.path.join(settings.output_dir, "ds_config.resolved.json")
         ckpt.atomic_write_text(resolved_path, json.dumps(resolved.ds_config, indent=1))
         run_path = os.path.join(settings.output_dir, "run_settings.resolved.json")
         ckpt.atomic_write_text(run_path, json.dumps({**settings.to_flat_dict(), "packed": resolved.packed,
                                                      "attn_implementation": config._attn_implementation,
+                                                     "task": {"name": task.name, **task.summary(run)},
                                                      "tokenization": I.tokenization_summary(train_batches.dataset),
                                                      "plugins": list(getattr(args, "plugin", None) or [])},
                                                     indent=1))
@@ -214,6 +280,7 @@ def run_pretraining(args: Namespace) -> int:
                             "device": info.device.type}, prefix="run.")
         tracker.log_params(resolved.ds_config, prefix="ds.")
         tracker.log_params(I.store_summary(store, store_path), prefix="store.")
+        tracker.log_params({"name": task.name, **task.summary(run)}, prefix="task.")
         tracker.log_artifact(resolved_path, "configs")
         tracker.log_artifact(run_path, "configs")
         tracker.log_artifact(os.path.join(ckpt_root, "model_config.json"), "configs")
@@ -223,17 +290,16 @@ def run_pretraining(args: Namespace) -> int:
 
     from grnformer_ds.training.throughput import flops_profile
 
-    # trivial baselines beside every held-out loss (training/baselines.py), fitted on training cells
-    baselines = None
-    if eval_batches is not None:
-        baselines = I.fit_baselines(store_path, config, settings, resolved, info, args, engine.device)
+    # the task's evaluation (pretraining: trivial baselines beside every held-out loss, training/baselines.py)
+    extras = task.trainer_extras(run, eval_batches)
     trainer = Trainer(engine, settings, resolved, train_batches, eval_batches, tracker, info.is_main,
                       flops_info=flops_profile(model), prepare_batch=prepare_batch, schedule=schedule, say=say,
-                      baselines=baselines)
+                      **extras)
     status = "FAILED"
     try:
         trainer.maybe_resume()
         last = trainer.train()
+        task.finish(run, trainer, tracker)
         status = "FINISHED"
     except (NonFiniteLossError, OutOfMemoryHint) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -241,8 +307,9 @@ def run_pretraining(args: Namespace) -> int:
     finally:
         if status != "FINISHED":
             tracker.end("FAILED")
-    say(f"done: step {trainer.state.step}, loss {last.get('loss', float('nan')):.1f}"
-        + (f", held-out loss {last['eval_loss']:.1f}" if "eval_loss" in last else "")
+    fmt = ".4g" if fine_tuning else ".1f"
+    say(f"done: step {trainer.state.step}, loss {last.get('loss', float('nan')):{fmt}}"
+        + (f", held-out loss {last['eval_loss']:{fmt}}" if "eval_loss" in last else "")
         + f", {time.time() - t_start:.0f} s")
 
     # ---- export (rank 0 consolidates the checkpoint just written; other ranks wait)
@@ -250,7 +317,8 @@ def run_pretraining(args: Namespace) -> int:
         from grnformer_ds.training.export import export_checkpoint
 
         with muted(verbose):  # DeepSpeed's consolidation prints its progress
-            hf_dir = export_checkpoint(ckpt_root, os.path.join(settings.output_dir, "hf_model"))
+            hf_dir = export_checkpoint(ckpt_root, os.path.join(settings.output_dir, "hf_model"),
+                                       tag=run.state.get("export_tag"))
         tracker.log_artifact(hf_dir, "hf_model")
         say(f"exported Hugging Face model to {hf_dir}")
     dist.barrier()

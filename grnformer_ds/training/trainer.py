@@ -65,6 +65,7 @@ class TrainState:
     mlflow_run_id: str | None = None
     guard: dict = field(default_factory=dict)
     schedule: list = field(default_factory=list)  # LRSchedule.state_dict(): the LR curve's segments
+    early_stopping: dict = field(default_factory=dict)  # EarlyStopping.state_dict() (fine-tuning)
 
 
 def _reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -115,10 +116,20 @@ class Trainer:
                  prepare_batch: Callable[[dict], dict] | None = None,
                  schedule: LRSchedule | None = None,
                  say: Callable[[str], None] | None = None,
-                 baselines=None):
+                 baselines=None,
+                 evaluator: Callable[[], dict[str, float]] | None = None,
+                 early_stopping=None,
+                 desc: str = "pretrain"):
+        """evaluator: a task's held-out evaluation (returns the same metrics dict on every rank, "loss" among them)
+        in place of the masked-value loss over `eval_batches`. early_stopping: `early_stopping.EarlyStopping` on one
+        of its metrics: every improving evaluation is checkpointed (and kept), the run stops after its patience."""
         self.engine = engine
+        self.evaluator = evaluator
+        self.early_stopping = early_stopping
+        self.desc = desc
         self.baselines = baselines  # `baselines.TrivialBaselines`, scored beside every held-out loss
         self.eval_extra: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
         self.s = settings
         self.resolved = resolved
         self.train_batches = train_batches
@@ -202,6 +213,8 @@ class Trainer:
         trainer_state, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_root, tag)
         self.state = TrainState(**{k: trainer_state[k] for k in TrainState.__dataclass_fields__ if k in trainer_state})
         self.guard.load_state_dict(self.state.guard)
+        if self.early_stopping is not None:
+            self.early_stopping.load_state_dict(self.state.early_stopping)
         self.train_batches.load_state_dict(rank_state["data"])
         self._it = None
         ckpt.set_rng_state(rank_state["rng"])
@@ -216,14 +229,18 @@ class Trainer:
         changed. A checkpoint without segments (older runs) is taken to have had this run's settings."""
         if self.schedule is None or not saved:
             return
-        note = self.schedule.continue_from(LRSchedule.from_state(saved), self.state.step)
+        old = LRSchedule.from_state(saved)
+        note = self.schedule.continue_from(old, self.state.step)
         if note:
             self.say(f"note: {note}")
         sched = self.engine.lr_scheduler
-        if sched is not None:  # factors are relative to this run's peak LR (the checkpoint restored the old one)
-            sched.base_lrs = [self.schedule.peak_lr] * len(sched.base_lrs)
-            for group in sched.optimizer.param_groups:
-                group["lr"] = self.schedule.lr_at(self.state.step)
+        if sched is not None:
+            # factors are relative to this run's peak LR (the checkpoint restored the old one); a parameter group
+            # with its own peak (--new-params-lr) keeps its ratio to the run's
+            ratios = [base / old.peak_lr for base in sched.base_lrs]
+            sched.base_lrs = [r * self.schedule.peak_lr for r in ratios]
+            for r, group in zip(ratios, sched.optimizer.param_groups):
+                group["lr"] = r * self.schedule.lr_at(self.state.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines a killed run wrote after the checkpoint we resume from (they will be redone)."""
@@ -239,12 +256,18 @@ class Trainer:
         if self.schedule is not None:
             self.state.schedule = self.schedule.state_dict()
         self.state.mlflow_run_id = self.tracker.run_id if self.is_main else self.state.mlflow_run_id
+        protect: tuple[str, ...] = ()
+        if self.early_stopping is not None:
+            self.state.early_stopping = self.early_stopping.state_dict()
+            if self.early_stopping.best_step is not None:
+                protect = (ckpt.tag_for_step(self.early_stopping.best_step),)
         trainer_state = {**self.state.__dict__, "world_size": self.resolved.world_size,
                          "micro_batch_size": self.resolved.micro_batch_size, "grad_accum": self.resolved.grad_accum,
                          "max_tokens": self.s.batch.max_tokens,
                          "zero_stage": self.resolved.zero_stage, "precision": self.resolved.precision}
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, trainer_state,
-                                   {"data": self.train_batches.state_dict()}, keep_last=self.s.keep_last)
+                                   {"data": self.train_batches.state_dict()}, keep_last=self.s.keep_last,
+                                   protect=protect)
         if tag is None:
             if self.is_main:
                 print(f"warning: weights are not finite at step {self.state.step}; checkpoint NOT written",
@@ -261,6 +284,13 @@ class Trainer:
         """Masked-value loss over `eval_batches` held-out batches (the same batches at every evaluation; the source
         restarts when shorter, so every rank runs the same number of forwards — ZeRO-3 needs that): all squared
         errors over all masked positions of every rank (a mean of batch means without `num_items_in_batch`)."""
+        if self.evaluator is not None:
+            self.engine.eval()
+            metrics = self.evaluator()
+            self.engine.train()
+            self.eval_extra = {f"eval_{k}": float(v) for k, v in metrics.items() if k != "loss"}
+            self.eval_metrics = dict(metrics)
+            return float(metrics.get("loss", float("nan")))
         if self.eval_batches is None or self.s.eval_batches == 0:
             return None
         self.engine.eval()
@@ -301,6 +331,8 @@ class Trainer:
         """The held-out masked-value MSE beside the trivial baselines' (`baselines`: predicting each gene's training
         mean, predicting the global training mean) on the same targets, for the evaluation line."""
         e = self.eval_extra
+        if self.evaluator is not None:
+            return "".join(f", {k[5:]} {v:.4g}" for k, v in e.items())
         if not e:
             return ""
         mse = e["eval_mlm_loss"]
@@ -398,7 +430,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             # disable=None: no bar when the output is not a terminal (a SLURM log would get one line per update)
-            bar = tqdm(total=self.s.max_steps, initial=self.state.step, desc="pretrain", unit="step",
+            bar = tqdm(total=self.s.max_steps, initial=self.state.step, desc=self.desc, unit="step",
                        dynamic_ncols=True, disable=None)
         last: dict[str, float] = {}
         try:
@@ -409,15 +441,27 @@ class Trainer:
                 if step % self.s.log_every == 0 or eval_loss is not None or step == self.s.max_steps:
                     last = self._log(r, eval_loss, bar)
                 if eval_loss is not None:  # one line per evaluation, above the progress bar
-                    line = (f"step {step}/{self.s.max_steps}: loss {last.get('loss', float('nan')):.1f}, "
-                            f"held-out loss {eval_loss:.1f}" + self._baseline_note(eval_loss))
+                    fmt = ".4g" if self.evaluator is not None else ".1f"
+                    line = (f"step {step}/{self.s.max_steps}: loss {last.get('loss', float('nan')):{fmt}}, "
+                            f"held-out loss {eval_loss:{fmt}}" + self._baseline_note(eval_loss))
+                    stop = False
+                    es = self.early_stopping
+                    if es is not None:
+                        if es.update(step, self.eval_metrics):
+                            line += f" (best {es.metric} so far)"
+                            self.save()  # the best weights, kept from rotation until a better one
+                        stop = es.should_stop
                     if bar is not None:
                         bar.write(line)
                     else:
                         self.say(line)
+                    if stop:
+                        self.say(f"early stopping at step {step}: {es.metric} has not improved for {es.patience} "
+                                 f"evaluations (best {es.best:.4g} at step {es.best_step})")
+                        break
                 if bar is not None:
                     bar.update(1)
-                if step % self.s.save_every == 0 and step != self.s.max_steps:
+                if step % self.s.save_every == 0 and step != self.s.max_steps and self.last_saved_step != step:
                     self.save()
             if self.last_saved_step != self.state.step:
                 self.save()

@@ -1,0 +1,186 @@
+"""End-to-end fine-tuning through the card's engine, `deepspeed launchers/finetune.py --task ...`, on real demo
+cells: cell-type on the demo store (with its GRN graphs) on 2 ZeRO-2 ranks, stopped and resumed = uninterrupted; the
+exported model reproduces test_metrics.json on the saved test split (it is the best checkpoint, and the metrics are
+computed on each test cell once); sc-drug-response on an .h5ad (mapped onto the model's vocabulary) with 5 folds on
+1 rank; one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINETUNE = os.path.join(REPO, "launchers", "finetune.py")
+ZERO2 = os.path.join(REPO, "ds_configs", "zero2.json")
+torch.set_num_threads(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, ranks=1, launcher=True, check=True, timeout=300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if launcher:
+        ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        cmd = [ds, "--master_port", str(_free_port())] + (["--num_gpus", str(ranks)] if ranks > 1 else [])
+    else:
+        cmd = [sys.executable]
+    p = subprocess.run(cmd + [FINETUNE, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def _metrics(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(x) for x in fh if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """(demo cache, a debug-size pretrained folder on the demo store's vocabulary, with GRN parts)."""
+    from grnformer_ds.modeling import GRNFormerForMaskedLM
+    from grnformer_ds.store import open_store
+    from grnformer_ds.training.export import save_hf_folder
+    from grnformer_ds.training.integration import build_model_config, ensure_demo
+
+    d = tmp_path_factory.mktemp("finetune")
+    cache = str(d / "cache")
+    store = open_store(ensure_demo(cache, say=lambda line: None))
+    config = build_model_config(store, "debug", None)
+    config.attention_probs_dropout_prob = config.hidden_dropout_prob = 0.0
+    config.fusion_position = "after"  # every transformer layer is kept without graphs (the .h5ad run has none)
+    torch.manual_seed(0)
+    folder = save_hf_folder(GRNFormerForMaskedLM(config), dict(store.vocab), str(d / "pretrained"))
+    return cache, folder
+
+
+COMMON = ["--task", "cell-type", "--deepspeed_config", ZERO2, "--lr", "3e-3", "--eval-every", "4", "--save-every",
+          "4", "--patience", "50", "--precision", "fp32", "--no-progress", "--mlflow-tracking-uri", "none"]
+
+
+def test_cell_type_two_ranks_resume_equals_uninterrupted_and_export_reproduces_test(pretrained, tmp_path):
+    cache, folder = pretrained
+    base = [*COMMON, "--model", folder, "--demo-cache-dir", cache]
+    full = str(tmp_path / "full")
+    p = _run([*base, "--output-dir", full, "--max-steps", "12"], ranks=2)
+    assert "labels: cell_type, 10 classes" in p.stdout and "(task head)" in p.stdout, p.stdout
+    report = json.load(open(os.path.join(full, "test_metrics.json")))
+    assert report["n_train"] + report["n_val"] + report["n_test"] == 700 and report["n_test"] == 70
+    assert set(report["test"]) == {"loss", "accuracy", "macro_f1"} and report["steps_trained"] == 12
+    evals = [m for m in _metrics(full) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [4, 8, 12]
+    best = max(evals, key=lambda m: m["eval_macro_f1"])  # the first of equals: a tie is not an improvement
+    assert report["best_step"] == best["step"] and report["val"]["macro_f1"] == pytest.approx(best["eval_macro_f1"])
+
+    # killed after its step-8 checkpoint and resumed: the same losses, evaluations and test report as the
+    # uninterrupted run (the kill is simulated by removing what was written after that checkpoint)
+    import shutil
+
+    part = str(tmp_path / "part")
+    shutil.copytree(full, part)
+    shutil.rmtree(os.path.join(part, "checkpoints", "global_step12"), ignore_errors=True)
+    shutil.rmtree(os.path.join(part, "hf_model"))
+    os.remove(os.path.join(part, "test_metrics.json"))
+    with open(os.path.join(part, "checkpoints", "latest"), "w") as fh:
+        fh.write("global_step8")
+    p = _run([*base, "--output-dir", part, "--max-steps", "12", "--resume"], ranks=2)
+    assert "resumed from" in p.stdout and "at step 8" in p.stdout, p.stdout
+    a, b = _metrics(full), _metrics(part)
+    assert [m["step"] for m in b] == [m["step"] for m in a]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6) and x["data_digest"] == y["data_digest"]
+    again = json.load(open(os.path.join(part, "test_metrics.json")))
+    assert again["best_step"] == report["best_step"]
+    assert again["test"]["accuracy"] == report["test"]["accuracy"]
+
+    # the export is the best checkpoint: run alone on the saved test cells it gives the reported test metrics
+    from transformers import AutoModelForSequenceClassification
+
+    from grnformer_ds.inference import embedding_dataset
+    from grnformer_ds.tasks.metrics import classification_metrics
+
+    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(full, "hf_model")).eval()
+    assert type(model).__name__ == "GRNFormerForCellClassification" and model.config.num_labels == 10
+    splits = np.load(os.path.join(full, "splits.npz"))
+    ds = embedding_dataset(model, os.path.join(cache, "demo_store"), batch_size=50)
+    cells, logits = [], []
+    with torch.no_grad():
+        for batch in ds:
+            cells.append(batch["cell_index"].numpy())
+            logits.append(model(**{k: v for k, v in batch.items() if k != "labels"}).logits.numpy())
+    cells, logits = np.concatenate(cells), np.concatenate(logits)
+    _, first = np.unique(cells, return_index=True)
+    logits = logits[first]
+    test = splits["test"]
+    got = classification_metrics(splits["codes"][test], logits[test])
+    assert got["accuracy"] == pytest.approx(report["test"]["accuracy"])
+    assert got["loss"] == pytest.approx(report["test"]["loss"], rel=1e-3)
+
+
+def test_sc_drug_response_on_an_h5ad_with_folds(pretrained, tmp_path):
+    """Labels from an obs column of an .h5ad (the file is mapped onto the model's vocabulary in the run directory):
+    'sensitive' = the demo's monocytes and dendritic cells, a label real expression carries."""
+    import anndata as ad
+
+    from grnformer_ds.store.demo import write_demo_h5ad
+
+    cache, folder = pretrained
+    h5ad = write_demo_h5ad(tmp_path / "cells.h5ad")
+    adata = ad.read_h5ad(h5ad)
+    adata.obs_names_make_unique()
+    myeloid = adata.obs["bulk_labels"].astype(str).isin(["CD14+ Monocyte", "Dendritic"])
+    adata.obs["response"] = np.where(myeloid, "sensitive", "resistant")
+    adata.obs.loc[adata.obs_names[:5], "response"] = None  # unlabelled cells are in no split
+    adata.write_h5ad(h5ad)
+    out = str(tmp_path / "run")
+    p = _run(["--task", "sc-drug-response", "--model", folder, "--data", str(h5ad), "--output-dir", out,
+              "--fold", "1", "--epochs", "2", "--lr", "3e-3", "--no-progress", "--mlflow-tracking-uri", "none",
+              "--no-export"])
+    assert "of the file's genes are in the model's vocabulary" in p.stdout, p.stdout
+    assert "fold 1 of 5" in p.stdout, p.stdout
+    report = json.load(open(os.path.join(out, "test_metrics.json")))
+    assert report["classes"] == ["resistant", "sensitive"]  # the positive class last: roc_auc scores it
+    assert report["n_train"] + report["n_val"] + report["n_test"] == 695
+    assert abs(report["n_test"] - 695 / 5) <= 2
+    assert 0.0 <= report["test"]["roc_auc"] <= 1.0 and "roc_auc" in report["val"]
+    splits = np.load(os.path.join(out, "splits.npz"))
+    codes = splits["codes"]
+    assert (codes == -100).sum() == 5 and not set(np.flatnonzero(codes == -100)) & set(splits["test"])
+
+
+def test_finetune_bad_input_is_one_line(pretrained, tmp_path):
+    cache, folder = pretrained
+    store = os.path.join(cache, "demo_store")
+    replacing = str(tmp_path / "replacing")  # a GRN model whose fusion took its last layer's place
+    import shutil
+
+    shutil.copytree(folder, replacing)
+    config = json.load(open(os.path.join(replacing, "config.json")))
+    json.dump({**config, "fusion_position": "replace", "num_hidden_layers": config["num_hidden_layers"] + 1},
+              open(os.path.join(replacing, "config.json"), "w"))
+    for args, needle in (
+        (["--task", "cell-type", "--model", str(tmp_path), "--data", store], "config.json is missing"),
+        (["--task", "cell-type", "--model", folder, "--data", store, "--label-key", "donor"],
+         "a store keeps only cell_type"),
+        (["--task", "sc-drug-response", "--model", folder, "--data", store], "reads the labels from an .h5ad"),
+        (["--task", "cell-type", "--model", folder, "--data", str(tmp_path / "x.csv")], "not found"),
+        (["--task", "cell-type", "--model", replacing, "--data", store, "--no-graph"], "replaces its last"),
+    ):
+        p = _run([*args, "--output-dir", str(tmp_path / "bad"), "--mlflow-tracking-uri", "none"], launcher=False,
+                 check=False, timeout=120)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, \
+            (args, p.stdout[-1500:], p.stderr[-1500:])

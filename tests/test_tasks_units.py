@@ -1,0 +1,186 @@
+"""Fine-tuning's parts against references: splits (stratified, disjoint, seeded, k-fold covers every cell once),
+metrics (scikit-learn / torch's cross-entropy / hand-counted values), the dataset's cell subsets and labels (each
+subset cell once per epoch, labels aligned), the classification model (loads a masked-LM folder's encoder exactly,
+loss = torch cross-entropy, packed = padded), and early stopping's rule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grnformer_ds.errors import UserInputError
+from grnformer_ds.tasks.cell_labels import NO_LABEL
+from grnformer_ds.tasks.metrics import classification_metrics
+from grnformer_ds.tasks.splits import kfold_split, stratified_split
+
+torch.set_num_threads(1)
+
+
+def _codes(seed=0):
+    rng = np.random.default_rng(seed)
+    codes = rng.choice(4, size=1000, p=[0.5, 0.3, 0.15, 0.05]).astype(np.int64)
+    codes[rng.choice(1000, 50, replace=False)] = NO_LABEL
+    codes[:1] = 4  # a class of one cell
+    return codes
+
+
+def test_stratified_split_is_disjoint_complete_stratified_and_seeded():
+    codes = _codes()
+    s = stratified_split(codes, 0.1, 0.2, seed=3)
+    labelled = np.flatnonzero(codes != NO_LABEL)
+    joined = np.concatenate([s["train"], s["val"], s["test"]])
+    assert sorted(joined.tolist()) == labelled.tolist()  # every labelled cell in exactly one split
+    for c in range(4):  # each class's share of each split is the asked fraction (rounded per class)
+        n = (codes == c).sum()
+        assert abs((codes[s["test"]] == c).sum() - 0.2 * n) <= 1
+        assert abs((codes[s["val"]] == c).sum() - 0.1 * n) <= 1
+    assert 0 in s["train"]  # the one-cell class stays in training
+    again = stratified_split(codes, 0.1, 0.2, seed=3)
+    other = stratified_split(codes, 0.1, 0.2, seed=4)
+    assert all(np.array_equal(s[k], again[k]) for k in s)
+    assert not np.array_equal(s["test"], other["test"])
+    with pytest.raises(UserInputError):
+        stratified_split(codes, 0.5, 0.6)
+
+
+def test_kfold_tests_cover_every_labelled_cell_once():
+    codes = _codes(1)
+    folds = [kfold_split(codes, 5, k, 0.1, seed=0) for k in range(5)]
+    tests = np.concatenate([f["test"] for f in folds])
+    assert sorted(tests.tolist()) == np.flatnonzero(codes != NO_LABEL).tolist()
+    for f in folds:
+        assert not set(f["test"]) & set(f["train"]) and not set(f["val"]) & set(f["train"])
+        assert abs((codes[f["test"]] == 0).sum() - (codes == 0).sum() / 5) <= 1
+
+
+def test_classification_metrics_match_sklearn_and_torch():
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    logits = rng.normal(size=(200, 3)) + 2.0 * np.eye(3)[labels]
+    m = classification_metrics(labels, logits)
+    ce = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels)).item()
+    assert m["loss"] == pytest.approx(ce, rel=1e-9)
+    assert m["accuracy"] == pytest.approx((logits.argmax(1) == labels).mean())
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, logits.argmax(1), average="macro"))
+    # a class never predicted nor present counts as 0 in the macro average (4 classes, only 0 and 1 used)
+    two = classification_metrics(np.array([0, 1, 1, 0]), np.array([[3.0, 0, 0, 0], [0, 3, 0, 0], [0, 3, 0, 0],
+                                                                  [0, 3, 0, 0]]))
+    assert two["accuracy"] == 0.75 and two["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 4)
+    b_labels = rng.integers(0, 2, 100)
+    b_logits = rng.normal(size=(100, 2))
+    b = classification_metrics(b_labels, b_logits)
+    p1 = np.exp(b_logits[:, 1]) / np.exp(b_logits).sum(1)
+    assert b["roc_auc"] == pytest.approx(roc_auc_score(b_labels, p1))
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    from grnformer_ds.training.early_stopping import EarlyStopping
+
+    es = EarlyStopping("macro_f1", "max", patience=2)
+    assert es.update(1, {"macro_f1": 0.2}) and not es.should_stop
+    assert not es.update(2, {"macro_f1": 0.2})  # equal is not better
+    assert es.update(3, {"macro_f1": 0.3}) and es.best_step == 3
+    assert not es.update(4, {"macro_f1": float("nan")}) and not es.should_stop
+    assert not es.update(5, {"macro_f1": 0.1}) and es.should_stop
+    restored = EarlyStopping("macro_f1", "max", patience=2)
+    restored.load_state_dict(es.state_dict())
+    assert restored.state_dict() == es.state_dict()
+    with pytest.raises(UserInputError):
+        EarlyStopping("roc_auc", "max").load_state_dict(es.state_dict())
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    from grnformer_ds.training.integration import ensure_demo
+
+    return ensure_demo(str(tmp_path_factory.mktemp("tasks") / "cache"), say=lambda line: None)
+
+
+@pytest.mark.parametrize("layout", [dict(batch_size=7), dict(max_tokens=3000)])
+def test_dataset_streams_a_cell_subset_once_per_epoch_with_its_labels(demo_store, layout):
+    from grnformer_ds.data import StreamingCellDataset
+
+    rng = np.random.default_rng(0)
+    subset = np.sort(rng.choice(700, 300, replace=False))
+    labels = np.arange(700, dtype=np.int64) * 10
+    ds = StreamingCellDataset(demo_store, seed=0, split="all", cells=subset, cell_labels=labels, training=False,
+                              shuffle=False, drop_last=False, mask_ratio=0.0, block_size=64, **layout)
+    seen = []
+    for batch in ds:
+        assert torch.equal(batch["labels"], batch["cell_index"] * 10)  # each cell's own label
+        seen.append(batch["cell_index"].numpy())
+    assert np.array_equal(np.unique(np.concatenate(seen)), subset)
+    # the same cells read from the whole store give the same tokens (a subset changes what is read, not how)
+    full = StreamingCellDataset(demo_store, seed=0, split="all", training=False, shuffle=False, drop_last=False,
+                                mask_ratio=0.0, batch_size=700, cell_keyed_random=True)
+    part = StreamingCellDataset(demo_store, seed=0, split="all", cells=subset, training=False, shuffle=False,
+                                drop_last=False, mask_ratio=0.0, batch_size=300, cell_keyed_random=True)
+    a, b = next(iter(full)), next(iter(part))
+    rows = b["cell_index"].numpy()
+    assert torch.equal(a["input_ids"][rows][:, :b["input_ids"].shape[1]], b["input_ids"])
+    # a training subset reshuffles per epoch and resumes only on the same cells
+    train = StreamingCellDataset(demo_store, seed=0, split="all", cells=subset, batch_size=8, mask_ratio=0.0)
+    state = train.state_dict()
+    swapped = np.sort(np.r_[subset[1:], np.setdiff1d(np.arange(700), subset)[0]])  # same size, one cell other
+    other = StreamingCellDataset(demo_store, seed=0, split="all", cells=swapped, batch_size=8, mask_ratio=0.0)
+    with pytest.raises(UserInputError, match="cells changed"):
+        other.load_state_dict(state)
+
+
+def test_classifier_keeps_the_pretrained_encoder_and_its_loss_is_cross_entropy(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from grnformer_ds.modeling import (
+        GRNFormerConfig,
+        GRNFormerForCellClassification,
+        GRNFormerForMaskedLM,
+        make_dummy_batch,
+    )
+    from grnformer_ds.training.export import save_hf_folder
+
+    config = GRNFormerConfig.from_preset("debug", vocab_size=64)
+    torch.manual_seed(0)
+    lm = GRNFormerForMaskedLM(config).eval()
+    folder = save_hf_folder(lm, {f"g{i}": i for i in range(64)}, str(tmp_path / "lm"))
+    clf = GRNFormerForCellClassification.from_pretrained(folder, num_labels=3).eval()
+    lm_state = lm.state_dict()
+    for k, v in clf.state_dict().items():
+        if k.startswith("grnformer."):
+            assert torch.equal(v, lm_state[k]), k
+    batch = make_dummy_batch(config, batch_size=4, seq_len=12, seed=1)
+    batch.pop("labels")
+    labels = torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        out = clf(**batch, labels=labels)
+        emb = lm.grnformer(**batch).cell_embedding
+    assert torch.allclose(out.cell_embedding, emb)  # the classifier reads the pretrained cell embedding
+    assert out.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.logits, labels).item(), rel=1e-6)
+    summed = clf(**batch, labels=labels, num_items_in_batch=torch.tensor(8.0)).loss
+    assert summed.item() == pytest.approx(out.loss.item() * 4 / 8, rel=1e-6)
+    # saved as a fine-tuned model it reloads through the Auto class, with its label names
+    clf.config.id2label = {0: "a", 1: "b", 2: "c"}
+    clf.config.label2id = {"a": 0, "b": 1, "c": 2}
+    saved = save_hf_folder(clf, {f"g{i}": i for i in range(64)}, str(tmp_path / "clf"))
+    again = AutoModelForSequenceClassification.from_pretrained(saved, trust_remote_code=True).eval()
+    assert type(again).__name__ == "GRNFormerForCellClassification" and again.config.id2label[2] == "c"
+    with torch.no_grad():
+        assert torch.allclose(again(**batch).logits, out.logits, atol=1e-6)
+
+
+def test_classifier_packed_layout_equals_padded():
+    from grnformer_ds.data.packing import pack_padded_batch
+    from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForCellClassification, make_dummy_batch
+
+    config = GRNFormerConfig.from_preset("debug", vocab_size=64, num_labels=4, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = GRNFormerForCellClassification(config).eval()
+    batch = make_dummy_batch(config, batch_size=3, seq_len=10, lengths=[10, 6, 8], graphs=False, seed=2)
+    batch.pop("labels")
+    packed = pack_padded_batch(batch, lead=0, pad_id=config.pad_token_id, pad_value=config.pad_value)
+    packed.pop("labels", None)
+    with torch.no_grad():
+        a = model(**batch).logits
+        b = model(**packed).logits
+    assert a.shape == (3, 4) and torch.allclose(a, b, atol=1e-5)
