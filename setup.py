@@ -36,7 +36,9 @@ EXTRAS = {
         "ctxcore>=0.2",   # AUCell reference
         "setuptools<81",  # ctxcore imports pkg_resources
         "pyscenic>=0.12",  # AUCell reference (rankings)
+        "rdkit>=2024.3",  # the drug-response task's tests
     ],
+    "drug": ["rdkit>=2024.3"],  # fine-tuning --task drug-response: Morgan fingerprints from SMILES
     "bench": ["bionemo-scdl>=0.1", "psutil>=5.9", "tiledbsoma-ml>=0.1"],
     "flash": ["flash-attn>=2.6"],
     "grnboost": ["arboreto>=0.1.6", "dask", "distributed"],

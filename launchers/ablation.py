@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The GRN ablation: the same pretraining budget on the same data per arm and seed, one table.
+"""The GRN ablation: the same pretraining and fine-tuning budgets on the same data per arm and seed, one table.
 
     python launchers/ablation.py --data demo_store --arms no-grn,random-grn,hybrid --seeds 0,1,2 --out-dir ablation
 
@@ -7,13 +7,16 @@ Arms (grnformer_ds/training/ablation.py says what each compares): no-grn, random
 the GRNs), celltype, cell, hybrid (both scales), no-perturbation (no co-expression edge perturbation), gnn-gcn,
 gnn-gat, gnn-gin. Every GRN arm puts the fusion after the last layer, so each arm runs the same transformer layers as
 no-grn. Writes ablation.json and ablation.md (held-out masked-value loss, mean ± sd over seeds, beside the trivial
-baselines: each gene's training mean and the global mean; a linear probe of each run's cell embeddings on the store's
-cell types beside the same probe on PCA of the expression). Extra pretrain.py flags go after `--`.
+baselines: each gene's training mean and the global mean; the downstream metric: each run fine-tuned for cell-type
+annotation by finetune.py, test accuracy and macro-F1 on the same test cells for every arm of a seed, beside logistic
+regression on PCA of the expression; a linear probe of each run's frozen cell embeddings beside the same probe on
+PCA). Extra pretrain.py flags go after `--`; extra finetune.py flags in --finetune-args.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -32,6 +35,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--model-preset", default="debug")
     p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--no-finetune", action="store_true",
+                   help="skip fine-tuning each run for cell-type annotation (the downstream column)")
+    p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs per run (3; early stopping "
+                                                                  "on validation macro-F1 within them)")
+    p.add_argument("--finetune-args", default="",
+                   help="extra finetune.py flags for every fine-tuning run, one string (e.g. "
+                        "--finetune-args='--lr 1e-3 --patience 5')")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe of each run's cell embeddings")
     p.add_argument("--launcher", default="", help="command before pretrain.py (default: this python; e.g. "
                                                   "'deepspeed --num_gpus 8')")
@@ -48,10 +58,16 @@ def main(argv=None) -> int:
     except ValueError:
         raise UserInputError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not arms or not seeds or args.max_steps < 1:
-        raise UserInputError("give at least one arm, one seed and --max-steps >= 1")
+    if not arms or not seeds or args.max_steps < 1 or args.finetune_epochs < 1:
+        raise UserInputError("give at least one arm, one seed, --max-steps >= 1 and --finetune-epochs >= 1")
+    try:
+        finetune_args = shlex.split(args.finetune_args)
+    except ValueError as e:
+        raise UserInputError(f"--finetune-args: {e}") from None
     summary = run_ablation(args.data, arms, seeds, args.out_dir, preset=args.model_preset, max_steps=args.max_steps,
-                           extra_args=extra, launcher=args.launcher, probe=not args.no_probe)
+                           extra_args=extra, launcher=args.launcher, probe=not args.no_probe,
+                           finetune=not args.no_finetune, finetune_epochs=args.finetune_epochs,
+                           finetune_args=finetune_args)
     from grnformer_ds.training.ablation import ablation_table
 
     print(ablation_table(summary), end="")

@@ -184,3 +184,58 @@ def test_finetune_bad_input_is_one_line(pretrained, tmp_path):
                  check=False, timeout=120)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, \
             (args, p.stdout[-1500:], p.stderr[-1500:])
+
+
+DRUGS = {"aspirin": "CC(=O)Oc1ccccc1C(=O)O", "caffeine": "Cn1cnc2c1c(=O)n(C)c(=O)n2C",
+         "ibuprofen": "CC(C)Cc1ccc(C(C)C(=O)O)cc1", "paracetamol": "CC(=O)Nc1ccc(O)cc1",
+         "nicotine": "CN1CCCC1c1cccnc1", "metformin": "CN(C)C(=N)N=C(N)N", "broken": "C1CC(("}
+
+
+def test_drug_response_two_ranks_resume_on_cell_lines_from_real_cells(pretrained, tmp_path):
+    """60 demo cells stand for cell lines; ln IC50 depends on each one's real LYZ expression with a per-drug slope
+    (a signal the model can learn); one drug's SMILES does not parse and one row names an unknown cell line."""
+    import shutil
+
+    import anndata as ad
+    import pandas as pd
+
+    from grnformer_ds.store.demo import write_demo_h5ad
+
+    cache, folder = pretrained
+    cells = ad.read_h5ad(write_demo_h5ad(tmp_path / "all.h5ad"))[:60].copy()
+    cells.obs_names = [f"CL{i:02d}" for i in range(60)]
+    cells.write_h5ad(tmp_path / "lines.h5ad")
+    lyz = np.log1p(np.asarray(cells[:, "LYZ"].X.todense()).ravel())
+    z = (lyz - lyz.mean()) / lyz.std()
+    rows = [(line, drug, smi, 2.0 + (k - 2.5) * z[i] + 0.3 * k)
+            for k, (drug, smi) in enumerate(DRUGS.items()) for i, line in enumerate(cells.obs_names)]
+    rows.append(("NOT_A_LINE", "aspirin", DRUGS["aspirin"], 1.0))
+    pd.DataFrame(rows, columns=["cell_line", "drug", "smiles", "ln_ic50"]).to_csv(tmp_path / "gdsc.csv", index=False)
+    base = ["--task", "drug-response", "--model", folder, "--data", str(tmp_path / "lines.h5ad"), "--drug-table",
+            str(tmp_path / "gdsc.csv"), "--deepspeed_config", ZERO2, "--max-steps", "12", "--eval-every", "4",
+            "--save-every", "4", "--patience", "50", "--lr", "3e-3", "--precision", "fp32", "--no-progress",
+            "--mlflow-tracking-uri", "none"]
+    full = str(tmp_path / "full")
+    p = _run([*base, "--output-dir", full], ranks=2)
+    assert "360 pairs of 60 cell lines x 6 drugs" in p.stdout and "1 table rows left out" in p.stdout, p.stdout
+    assert "SMILES RDKit cannot parse" in p.stdout and "'broken'" in p.stdout, p.stdout
+    report = json.load(open(os.path.join(full, "test_metrics.json")))
+    assert set(report["test"]) == {"loss", "rmse", "pearson", "spearman"} and report["n_test"] == 36
+    assert report["early_stopping"]["metric"] == "pearson"
+
+    part = str(tmp_path / "part")  # killed after the step-8 checkpoint, resumed
+    shutil.copytree(full, part)
+    shutil.rmtree(os.path.join(part, "checkpoints", "global_step12"), ignore_errors=True)
+    shutil.rmtree(os.path.join(part, "hf_model"))
+    with open(os.path.join(part, "checkpoints", "latest"), "w") as fh:
+        fh.write("global_step8")
+    _run([*base, "--output-dir", part, "--resume"], ranks=2)
+    for x, y in zip(_metrics(full), _metrics(part)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6) and x["data_digest"] == y["data_digest"]
+    again = json.load(open(os.path.join(part, "test_metrics.json")))
+    assert again["test"]["pearson"] == pytest.approx(report["test"]["pearson"], rel=1e-4)
+
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(full, "hf_model"))
+    assert model.config.problem_type == "regression" and model.config.condition_feature_size == 1024

@@ -105,13 +105,27 @@ def test_dataset_streams_a_cell_subset_once_per_epoch_with_its_labels(demo_store
     rng = np.random.default_rng(0)
     subset = np.sort(rng.choice(700, 300, replace=False))
     labels = np.arange(700, dtype=np.int64) * 10
-    ds = StreamingCellDataset(demo_store, seed=0, split="all", cells=subset, cell_labels=labels, training=False,
-                              shuffle=False, drop_last=False, mask_ratio=0.0, block_size=64, **layout)
+    ds = StreamingCellDataset(demo_store, seed=0, split="all", cells=subset, sample_labels=labels[subset],
+                              training=False, shuffle=False, drop_last=False, mask_ratio=0.0, block_size=64, **layout)
     seen = []
     for batch in ds:
         assert torch.equal(batch["labels"], batch["cell_index"] * 10)  # each cell's own label
+        assert torch.equal(batch["cell_index"], torch.from_numpy(subset)[batch["sample_index"]])
         seen.append(batch["cell_index"].numpy())
     assert np.array_equal(np.unique(np.concatenate(seen)), subset)
+    # samples may repeat a cell (one per (cell, drug) pair): each sample once, with its own label and features
+    pairs = np.r_[subset[:40], subset[:40], subset[40:50]]
+    feats = np.arange(len(pairs), dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    ds = StreamingCellDataset(demo_store, seed=0, split="all", cells=pairs, sample_labels=np.arange(len(pairs)),
+                              sample_features=feats, training=False, shuffle=False, drop_last=False, mask_ratio=0.0,
+                              block_size=16, **layout)
+    got = {}
+    for batch in ds:
+        for i, c, lab, f in zip(batch["sample_index"].tolist(), batch["cell_index"].tolist(),
+                                batch["labels"].tolist(), batch["condition_features"][:, 0].tolist()):
+            assert pairs[i] == c and lab == i and f == i
+            got[i] = c
+    assert sorted(got) == list(range(len(pairs)))
     # the same cells read from the whole store give the same tokens (a subset changes what is read, not how)
     full = StreamingCellDataset(demo_store, seed=0, split="all", training=False, shuffle=False, drop_last=False,
                                 mask_ratio=0.0, batch_size=700, cell_keyed_random=True)
@@ -184,3 +198,66 @@ def test_classifier_packed_layout_equals_padded():
         a = model(**batch).logits
         b = model(**packed).logits
     assert a.shape == (3, 4) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_morgan_fingerprints_match_rdkits_reference_bit_vectors():
+    from rdkit import Chem, DataStructs
+    from rdkit.Chem import AllChem
+
+    from grnformer_ds.tasks.drug_features import morgan_fingerprints
+
+    smiles = ["CC(=O)Oc1ccccc1C(=O)O", "Cn1cnc2c1c(=O)n(C)c(=O)n2C", "not a molecule", "CC(C)Cc1ccc(C(C)C(=O)O)cc1"]
+    fps, bad = morgan_fingerprints(smiles, radius=2, n_bits=512)
+    assert bad == [2] and not fps[2].any() and fps.shape == (4, 512)
+    for i in (0, 1, 3):
+        ref = AllChem.GetMorganFingerprintAsBitVect(Chem.MolFromSmiles(smiles[i]), 2, nBits=512)
+        arr = np.zeros(512)
+        DataStructs.ConvertToNumpyArray(ref, arr)
+        assert np.array_equal(fps[i], arr)
+
+
+def test_drug_pair_splits_random_and_leave_drug_out():
+    from grnformer_ds.tasks.drug_response import pair_splits
+
+    rng = np.random.default_rng(0)
+    drug_of_pair = rng.integers(0, 20, 500)
+    for mode in ("random", "leave-drug-out"):
+        s = pair_splits(drug_of_pair, 20, mode, 0.1, 0.2, seed=1)
+        assert sorted(np.concatenate(list(s.values())).tolist()) == list(range(500))
+        assert s["train"].size and s["val"].size and s["test"].size
+    s = pair_splits(drug_of_pair, 20, "leave-drug-out", 0.1, 0.2, seed=1)
+    drugs = {k: set(drug_of_pair[v].tolist()) for k, v in s.items()}
+    assert not drugs["test"] & drugs["train"] and not drugs["val"] & drugs["train"] and len(drugs["test"]) == 4
+
+
+def test_regression_metrics():
+    from scipy.stats import pearsonr, spearmanr
+
+    from grnformer_ds.tasks.metrics import regression_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=100)
+    p = y + rng.normal(scale=0.5, size=100)
+    m = regression_metrics(y, p)
+    assert m["pearson"] == pytest.approx(pearsonr(y, p)[0]) and m["spearman"] == pytest.approx(spearmanr(y, p)[0])
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((y - p) ** 2))) and m["loss"] == pytest.approx(m["rmse"] ** 2)
+    assert np.isnan(regression_metrics(y, np.zeros(100))["pearson"])
+
+
+def test_condition_features_join_the_cell_embedding():
+    from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForCellClassification, make_dummy_batch
+
+    config = GRNFormerConfig.from_preset("debug", vocab_size=64, num_labels=1, condition_feature_size=16)
+    torch.manual_seed(0)
+    model = GRNFormerForCellClassification(config).eval()
+    batch = make_dummy_batch(config, batch_size=4, seq_len=10, graphs=False, seed=3)
+    batch.pop("labels")
+    feats = torch.rand(4, 16)
+    y = torch.randn(4)
+    with torch.no_grad():
+        out = model(**batch, condition_features=feats, labels=y)
+        other = model(**batch, condition_features=torch.rand(4, 16)).logits
+    assert out.logits.shape == (4, 1) and not torch.allclose(out.logits, other)  # the condition matters
+    assert out.loss.item() == pytest.approx(torch.mean((out.logits[:, 0] - y) ** 2).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="condition_features"):
+        model(**batch)

@@ -94,11 +94,13 @@ class StreamingCellDataset(IterableDataset):
         cell_keyed_random: each cell's random tokenization draws (binning ties, the gene subset of a long cell,
             masking) come from a generator seeded by (seed, cell index) instead of the batch's, so a cell's tokens do
             not depend on the batching (`cell_random`; inference).
-        cells: (n,) int store positions: stream only these cells (with ``split="all"``; e.g. a fine-tuning split,
-            `tasks.splits`). Blocks are ``block_size`` consecutive cells of the sorted subset, each read as the
-            store range it spans.
-        cell_labels: (n_cells,) array over store positions: every batch gets ``labels`` = the values of its cells
-            (``(n_cells_in_batch,)``, in place of the collator's masked-value labels; a task's targets, `tasks`).
+        cells: (n,) int store positions of the samples to stream instead of a split's cells (with ``split="all"``;
+            a fine-tuning split, `tasks.splits`). A cell may appear several times (one sample per (cell, drug)
+            pair, ...); batches then carry ``sample_index`` (B,), each sample's position in ``cells``. The plan runs
+            over the samples sorted by cell; blocks are ``block_size`` of them, each read as the store range it spans.
+        sample_labels: (n,) per sample of ``cells``: every batch gets ``labels`` = its samples' values (``(B,)``, in
+            place of the collator's masked-value labels; a task's targets). sample_features: (n, F) float per
+            sample: batches get ``condition_features`` (B, F) (e.g. a drug's fingerprint).
         Collator options (max_seq_len, n_bins, mask_ratio, mask_value, pad_value, pad_to_max_len, ...) pass through
             ``collator_kwargs`` or the keyword arguments of the same name; None leaves the backbone collator's own
             default (e.g. ``mask_ratio`` 0.15 for scGPT, 0.3 for scFoundation).
@@ -113,7 +115,8 @@ class StreamingCellDataset(IterableDataset):
                  undirected_graphs: bool = True, max_seq_len: int | None = None, n_bins: int | None = None,
                  mask_ratio: float | None = None, mask_value: float | None = None, pad_value: float | None = None,
                  pad_to_max_len: bool = False, collator_kwargs: dict | None = None, cell_keyed_random: bool = False,
-                 cells: np.ndarray | None = None, cell_labels: np.ndarray | None = None):
+                 cells: np.ndarray | None = None, sample_labels: np.ndarray | None = None,
+                 sample_features: np.ndarray | None = None):
         super().__init__()
         collator_cls = get_collator(backbone)
         if (batch_size is None) == (max_tokens is None):
@@ -142,21 +145,26 @@ class StreamingCellDataset(IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.backbone, self.split = backbone, split
         self.lo, self.hi = split_range(self.reader.n_cells, split, eval_fraction)
-        self.subset = None  # sorted store positions of `cells`; the plans then run over positions [0, n) of it
+        # samples (`cells`): their store positions sorted (`subset`) and each one's index in `cells` (`sample_ids`);
+        # the plans then run over positions [0, n) of `subset`
+        self.subset = self.sample_ids = self.sample_labels = self.sample_features = None
         if cells is not None:
             if split != "all":
                 raise UserInputError("cells= selects its own cells: use it with split='all'")
-            subset = np.unique(np.asarray(cells, dtype=np.int64))
-            if len(subset) == 0 or subset[0] < 0 or subset[-1] >= self.reader.n_cells:
-                raise UserInputError(f"cells= must be a non-empty set of store positions in [0, "
+            cells = np.asarray(cells, dtype=np.int64)
+            if len(cells) == 0 or cells.min() < 0 or cells.max() >= self.reader.n_cells:
+                raise UserInputError(f"cells= must be a non-empty array of store positions in [0, "
                                      f"{self.reader.n_cells})", path=str(self.store))
-            self.subset, self.lo, self.hi = subset, 0, len(subset)
-        self.cell_labels = None
-        if cell_labels is not None:
-            self.cell_labels = np.asarray(cell_labels)
-            if len(self.cell_labels) != self.reader.n_cells:
-                raise UserInputError(f"cell_labels has {len(self.cell_labels)} values for {self.reader.n_cells} "
-                                     f"cells", path=str(self.store))
+            self.sample_ids = np.argsort(cells, kind="stable")
+            self.subset, self.lo, self.hi = cells[self.sample_ids], 0, len(cells)
+            for name, values in (("sample_labels", sample_labels), ("sample_features", sample_features)):
+                if values is not None:
+                    if len(values) != len(cells):
+                        raise UserInputError(f"{name} has {len(values)} rows for {len(cells)} samples",
+                                             path=str(self.store))
+                    setattr(self, name, np.asarray(values))
+        elif sample_labels is not None or sample_features is not None:
+            raise UserInputError("sample_labels / sample_features need cells= (the samples they belong to)")
         self.training = (split != "eval") if training is None else bool(training)
         self.shuffle = self.training if shuffle is None else bool(shuffle)
         self.drop_last = self.training if drop_last is None else bool(drop_last)
@@ -275,7 +283,7 @@ class StreamingCellDataset(IterableDataset):
     def _subset_digest(self) -> str:
         import hashlib
 
-        return hashlib.sha1(self.subset.tobytes()).hexdigest()[:16]
+        return hashlib.sha1(self.subset.tobytes() + self.sample_ids.tobytes()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "batch_size", "max_tokens", "world_size", "split"):
@@ -349,14 +357,21 @@ class StreamingCellDataset(IterableDataset):
     def batch(self, step: int, plan: EpochPlan | None = None) -> dict[str, torch.Tensor]:
         """This rank's batch ``step`` of the current epoch (random access; used by the iterator)."""
         plan = plan or self.plan()
-        rows = self._rows(plan, plan.step_cells(step))
+        positions = plan.step_cells(step)
+        rows = self._rows(plan, positions)
         g = plan.global_batch(step)
         # a cell's tokenization draws from its own generator when outputs must not depend on batching (inference)
         rng = CellKeyedRandom(self.seed, rows.cell_index) if self.cell_keyed_random else batch_rng(
             self.seed, plan.epoch, g, 0)
         out, slot_genes = self.collator(rows, rng)
-        if self.cell_labels is not None:
-            out["labels"] = torch.from_numpy(np.ascontiguousarray(self.cell_labels[rows.cell_index]))
+        if self.sample_ids is not None:
+            sample = self.sample_ids[positions]
+            out["sample_index"] = torch.from_numpy(sample)
+            if self.sample_labels is not None:
+                out["labels"] = torch.from_numpy(np.ascontiguousarray(self.sample_labels[sample]))
+            if self.sample_features is not None:
+                out["condition_features"] = torch.from_numpy(
+                    np.ascontiguousarray(self.sample_features[sample], dtype=np.float32))
         if self.graph_builder is not None:
             segments = out["cu_seq_lens_q"].numpy() if self.packed else None
             out.update(self.graph_builder(slot_genes, rows.cell_type, rows.active_regulons,

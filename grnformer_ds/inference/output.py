@@ -23,7 +23,7 @@ def h5ad_store(h5ad: str, out: str, vocab_path: str, cell_type_key: str | None, 
     if rank == 0:
         if os.path.exists(out):
             shutil.rmtree(out)
-        say(f"mapping {h5ad} onto the model's vocabulary (a temporary store)")
+        say(f"mapping {h5ad} onto the model's vocabulary (a store at {out})")
         store = build_store([h5ad], out, gene_vocab=vocab_path, cell_type_key=cell_type_key, layer=layer,
                             progress=False)
         for inp in (store.manifest.get("inputs") or []):

@@ -79,7 +79,8 @@ class GRNFormerConfig(PretrainedConfig):
         fusion_beta_init (`float`, 1.0): initial value of the learnable β in `h = h_expr + β·h_fusion`.
         classifier_hidden_layers (`int`, 2), classifier_dropout (`float`, 0.1): the cell-level task head
             (`GRNFormerForCellClassification`; scGPT's ClsDecoder has 2 hidden blocks). With HF's `num_labels`,
-            `id2label` / `label2id` and `problem_type`.
+            `id2label` / `label2id` and `problem_type`. condition_feature_size (`int`, 0): width of a per-sample
+            condition vector the classifier also reads (e.g. a drug's fingerprint; 0 = none).
     """
 
     model_type = "grnformer"
@@ -132,6 +133,7 @@ class GRNFormerConfig(PretrainedConfig):
         fusion_beta_init: float = 1.0,
         classifier_hidden_layers: int = 2,
         classifier_dropout: float = 0.1,
+        condition_feature_size: int = 0,
         **kwargs,
     ):
         self.backbone = backbone
@@ -179,6 +181,7 @@ class GRNFormerConfig(PretrainedConfig):
         self.fusion_beta_init = fusion_beta_init
         self.classifier_hidden_layers = classifier_hidden_layers
         self.classifier_dropout = classifier_dropout
+        self.condition_feature_size = condition_feature_size
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         spec = self.backbone_spec
         if self.backbone_module is None and type(spec).__module__.rpartition(".")[0] != __name__.rpartition(".")[0]:

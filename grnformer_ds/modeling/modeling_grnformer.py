@@ -357,7 +357,8 @@ class GRNFormerModel(GRNFormerPreTrainedModel):
 
 # batch keys the base model accepts and ignores whatever its backbone is: the training-only keys (a training batch
 # runs through `GRNFormerModel`, e.g. for embeddings) and the built-in backbones' own keys
-_IGNORED_KEYS = ("labels", "num_items_in_batch", "total_counts", "decoder_values", "decoder_input_ids")
+_IGNORED_KEYS = ("labels", "num_items_in_batch", "total_counts", "decoder_values", "decoder_input_ids",
+                 "sample_index", "condition_features")
 
 
 class GRNFormerForMaskedLM(GRNFormerPreTrainedModel):
@@ -456,11 +457,12 @@ class GRNFormerForMaskedLM(GRNFormerPreTrainedModel):
 
 class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
     """GRNFormer with a classifier on the cell embedding (`heads.CellClassifier`): cell-type annotation, per-cell
-    drug response, ... (the fine-tuning tasks, `grnformer_ds.tasks`). Load a pretrained folder with
-    `from_pretrained(folder, num_labels=K)`: the encoder's weights are kept, the pretraining head's are left out and
-    the classifier is new. `num_labels == 1` is regression (MSE)."""
+    drug response, ... (the fine-tuning tasks, `grnformer_ds.tasks`); with `condition_feature_size` the embedding
+    of a per-sample condition joins it (a drug's fingerprint: bulk drug response, DeepCDR's setup). Load a
+    pretrained folder with `from_pretrained(folder, num_labels=K)`: the encoder's weights are kept, the pretraining
+    head's are left out and the classifier is new. `num_labels == 1` is regression (MSE)."""
 
-    _keys_to_ignore_on_load_missing = {r"^classifier\."}
+    _keys_to_ignore_on_load_missing = {r"^(classifier|condition_encoder)\."}
 
     def __init__(self, config: GRNFormerConfig, build_structure_encoder: bool = True):
         super().__init__(config)
@@ -468,12 +470,18 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
 
         self.num_labels = config.num_labels
         self.grnformer = GRNFormerModel(config, build_structure_encoder=build_structure_encoder)
-        self.classifier = CellClassifier(config.backbone_spec.cell_embedding_size(config), config.num_labels,
-                                         config.classifier_hidden_layers, config.classifier_dropout,
-                                         config.layer_norm_eps)
+        width = config.backbone_spec.cell_embedding_size(config)
+        # a per-sample condition (e.g. a drug's fingerprint, DeepCDR's setup) joins the cell embedding
+        self.condition_encoder = None
+        if config.condition_feature_size:
+            self.condition_encoder = nn.Sequential(nn.Linear(config.condition_feature_size, width), nn.ReLU(),
+                                                   nn.Linear(width, width))
+        self.classifier = CellClassifier(2 * width if self.condition_encoder is not None else width,
+                                         config.num_labels, config.classifier_hidden_layers,
+                                         config.classifier_dropout, config.layer_norm_eps)
         self.post_init()
         # a pretrained folder's head (expression decoder, ...) has no place here: expected leftovers
-        self._keys_to_ignore_on_load_unexpected = {r"^(?!(?:grnformer|classifier)\.)"}
+        self._keys_to_ignore_on_load_unexpected = {r"^(?!(?:grnformer|classifier|condition_encoder)\.)"}
 
     def build_structure_encoder(self):
         """See `GRNFormerModel.build_structure_encoder`."""
@@ -502,6 +510,8 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
         ptr: torch.Tensor | None = None,
         cell_index: torch.Tensor | None = None,
         cell_type_ids: torch.Tensor | None = None,
+        condition_features: torch.Tensor | None = None,
+        sample_index: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | float | None = None,
         output_hidden_states: bool | None = None,
         output_fusion_attentions: bool = False,
@@ -512,6 +522,8 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
         Args (beyond `GRNFormerModel.forward`):
             labels: (B,) int64 class per cell, -100 = ignored (float for regression). The backbone's pretraining
                 inputs (e.g. scFoundation's `decoder_values`) are accepted and ignored.
+            condition_features: (B, condition_feature_size) float per sample (e.g. a drug's Morgan fingerprint),
+                required when the config has `condition_feature_size`. sample_index: bookkeeping, unused.
             num_items_in_batch: divide the summed per-cell losses by this instead of this batch's labelled cells
                 (the trainer passes the count of the whole optimizer step).
         Returns:
@@ -526,7 +538,14 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
             graphs=model._graphs(celltype_edge_index, celltype_edge_weight, cell_edge_index, cell_edge_weight),
             graph_layout=graph_layout, inputs=model.backbone_inputs(model.backbone_spec.model_inputs, given),
             output_hidden_states=output_hidden_states, output_fusion_attentions=output_fusion_attentions)
-        logits = self.classifier(enc.cell_embedding)  # (B, num_labels)
+        features = enc.cell_embedding  # (B, H')
+        if self.condition_encoder is not None:
+            if condition_features is None:
+                raise ValueError("GRNFormerForCellClassification: the config has condition_feature_size "
+                                 f"{self.config.condition_feature_size}; pass condition_features (B, F)")
+            cond = self.condition_encoder(condition_features.to(features.dtype))
+            features = torch.cat([features, cond], dim=-1)  # (B, 2H')
+        logits = self.classifier(features)  # (B, num_labels)
         loss = None
         if labels is not None:
             loss = cell_loss(logits, labels, num_items_in_batch)

@@ -32,8 +32,9 @@ METRICS_FILE = "test_metrics.json"
 
 @torch.no_grad()
 def predict(engine, dataset, device) -> tuple[np.ndarray, np.ndarray]:
-    """(cell_index (N,), logits (N, C)) of every cell of `dataset` exactly once, ascending, gathered over ranks
-    (every rank runs the same number of forwards: ZeRO-3 needs that; cells repeated to even out ranks count once)."""
+    """(sample ids (N,), logits (N, C)) of every sample of `dataset` exactly once, ascending, gathered over ranks:
+    ids are positions in the dataset's `cells` (its `sample_index`). Every rank runs the same number of forwards
+    (ZeRO-3 needs that); samples repeated to even out the ranks count once."""
     import torch.distributed as dist
 
     from grnformer_ds.training.trainer import forward_keys
@@ -44,7 +45,7 @@ def predict(engine, dataset, device) -> tuple[np.ndarray, np.ndarray]:
         dev = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
                if k != "labels" and (keys is None or k in keys)}
         out = engine(**dev)
-        cells.append(batch["cell_index"].numpy())
+        cells.append(batch["sample_index"].numpy())
         logits.append(out.logits.float().cpu().numpy())
     part = (np.concatenate(cells), np.concatenate(logits))
     parts = [part]
@@ -70,6 +71,7 @@ class CellTypeClassification(Task):
     head_prefixes = ("classifier.",)
     early_stopping = ("macro_f1", "max")
     default_label_key = "cell_type"
+    samples_are = "cells"
     folds_default = None  # a train / val / test split unless --folds is given
 
     # ------------------------------------------------------------------ options
@@ -150,8 +152,9 @@ class CellTypeClassification(Task):
         training = split == "train"
         # held-out cells: tokenized by their own generator (`data.cell_random`), so a prediction does not depend on
         # the batching or the number of ranks (the exported model reproduces the test metrics)
-        return StreamingCellDataset(run.store_path, split="all", cells=run.state["splits"][split],
-                                    cell_labels=run.state["labels"].codes, training=training,
+        cells = run.state["splits"][split]
+        return StreamingCellDataset(run.store_path, split="all", cells=cells,
+                                    sample_labels=run.state["labels"].codes[cells], training=training,
                                     shuffle=training, drop_last=training, cell_keyed_random=not training, **kw)
 
     def datasets(self, run: RunContext):
@@ -170,8 +173,8 @@ class CellTypeClassification(Task):
 
     # ------------------------------------------------------------------ evaluation
     def score(self, run: RunContext, split: str, dataset) -> dict[str, float]:
-        cells, logits = predict(run.engine, dataset, run.engine.device)
-        return classification_metrics(run.state["labels"].codes[cells], logits)
+        samples, logits = predict(run.engine, dataset, run.engine.device)
+        return classification_metrics(dataset.sample_labels[samples], logits)
 
     def trainer_extras(self, run: RunContext, eval_batches) -> dict:
         from grnformer_ds.training.early_stopping import EarlyStopping
@@ -202,7 +205,8 @@ class CellTypeClassification(Task):
             tracker.log_metrics({f"test_{k}": v for k, v in test.items()}, step=trainer.state.step)
             tracker.log_metrics({f"best_val_{k}": v for k, v in val.items()}, step=trainer.state.step)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "loss")
-        run.say(f"test ({len(run.state['splits']['test']):,} cells, best checkpoint of step {best}): {shown}; "
+        run.say(f"test ({len(run.state['splits']['test']):,} {self.samples_are}, best checkpoint of step {best}): "
+                f"{shown}; "
                 f"wrote {os.path.join(run.settings.output_dir, METRICS_FILE)}")
         return report
 

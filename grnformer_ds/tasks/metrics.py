@@ -25,3 +25,16 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, 
     if n_classes == 2:
         out["roc_auc"] = float(roc_auc_score(labels, probs[:, 1])) if len(np.unique(labels)) == 2 else float("nan")
     return out
+
+
+def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """targets, predictions (N,) -> loss (MSE), rmse, pearson and spearman correlation (scipy; NaN for a constant
+    input), as DeepCDR reports them."""
+    from scipy.stats import pearsonr, spearmanr
+
+    y, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
+    mse = float(np.mean((p - y) ** 2))
+    constant = np.ptp(y) == 0 or np.ptp(p) == 0
+    return {"loss": mse, "rmse": float(np.sqrt(mse)),
+            "pearson": float("nan") if constant else float(pearsonr(y, p).statistic),
+            "spearman": float("nan") if constant else float(spearmanr(y, p).statistic)}
