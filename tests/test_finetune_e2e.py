@@ -239,3 +239,62 @@ def test_drug_response_two_ranks_resume_on_cell_lines_from_real_cells(pretrained
 
     model = AutoModelForSequenceClassification.from_pretrained(os.path.join(full, "hf_model"))
     assert model.config.problem_type == "regression" and model.config.condition_feature_size == 1024
+
+
+PERTURBED = ["LYZ+ctrl", "CD74+ctrl", "HLA-DRA+ctrl", "S100A9+ctrl", "NKG7+ctrl", "GNLY+ctrl", "LYZ+CD74",
+             "NOTAGENE+ctrl"]
+
+
+def _perturbation_h5ad(path):
+    """GEARS-style data from real cells: 300 demo cells are controls; each perturbation takes 50 other real cells,
+    knocks its genes out (counts 0) and triples a few downstream genes of its own (a response to learn)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from grnformer_ds.store.demo import write_demo_h5ad
+
+    cells = ad.read_h5ad(write_demo_h5ad(path.parent / "demo.h5ad"))
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(cells.X).astype(np.float32).tolil()
+    conditions = np.array(["ctrl"] * cells.n_obs, dtype=object)
+    genes = list(cells.var_names)
+    order = rng.permutation(cells.n_obs)
+    for k, cond in enumerate(PERTURBED):
+        rows = order[300 + 50 * k: 300 + 50 * (k + 1)]
+        conditions[rows] = cond
+        downstream = rng.choice(len(genes), 5, replace=False)
+        for r in rows:
+            for g in cond.split("+"):
+                if g in genes:
+                    X[r, genes.index(g)] = 0
+            for j in downstream:
+                X[r, j] = X[r, j] * 3 + 2
+    cells.X = sp.csr_matrix(X)
+    cells.obs["condition"] = conditions
+    cells.write_h5ad(path)
+    return path
+
+
+def test_perturbation_on_unseen_perturbations_of_real_cells(pretrained, tmp_path):
+    cache, folder = pretrained
+    h5ad = _perturbation_h5ad(tmp_path / "perturb.h5ad")
+    out = str(tmp_path / "run")
+    p = _run(["--task", "perturbation", "--model", folder, "--data", str(h5ad), "--output-dir", out,
+              "--deepspeed_config", ZERO2, "--epochs", "2", "--lr", "3e-3", "--precision", "fp32", "--no-progress",
+              "--mlflow-tracking-uri", "none"], ranks=2)
+    assert "'NOTAGENE+ctrl'" in p.stdout and "perturbations: 7 (test 1" in p.stdout, p.stdout
+    report = json.load(open(os.path.join(out, "test_metrics.json")))
+    assert set(report["test"]) == {"loss", "pearson", "pearson_de", "mse", "mse_de", "pearson_delta",
+                                   "pearson_delta_de"}
+    assert report["early_stopping"]["metric"] == "pearson_delta" and report["n_genes"] == 765
+    groups = [set(report[f"{k}_perturbations"]) for k in ("train", "val", "test")]
+    assert not groups[0] & groups[2] and not groups[1] & groups[2]  # test perturbations are unseen in training
+    splits = np.load(os.path.join(out, "splits.npz"), allow_pickle=True)
+    classes, codes = list(splits["classes"]), splits["codes"]
+    control = classes.index("ctrl")
+    assert (codes[splits["control_of"][splits["test"]]] == control).all()  # every input is a control cell
+
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "hf_model"))
+    assert model.config.condition_genes and model.config.num_labels == 765 and model.config.id2label[0]

@@ -117,8 +117,8 @@ def test_dataset_streams_a_cell_subset_once_per_epoch_with_its_labels(demo_store
     pairs = np.r_[subset[:40], subset[:40], subset[40:50]]
     feats = np.arange(len(pairs), dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
     ds = StreamingCellDataset(demo_store, seed=0, split="all", cells=pairs, sample_labels=np.arange(len(pairs)),
-                              sample_features=feats, training=False, shuffle=False, drop_last=False, mask_ratio=0.0,
-                              block_size=16, **layout)
+                              sample_inputs={"condition_features": feats}, training=False, shuffle=False,
+                              drop_last=False, mask_ratio=0.0, block_size=16, **layout)
     got = {}
     for batch in ds:
         for i, c, lab, f in zip(batch["sample_index"].tolist(), batch["cell_index"].tolist(),
@@ -261,3 +261,88 @@ def test_condition_features_join_the_cell_embedding():
     assert out.loss.item() == pytest.approx(torch.mean((out.logits[:, 0] - y) ** 2).item(), rel=1e-6)
     with pytest.raises(ValueError, match="condition_features"):
         model(**batch)
+
+
+def _gears_inference():
+    """GEARS' own gears/inference.py (cell-gears 0.1.2, --no-deps), loaded without its package __init__."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gears")
+    if spec is None:
+        pytest.skip("cell-gears is not installed (pip install --no-deps cell-gears==0.1.2)")
+    import os
+
+    path = os.path.join(list(spec.submodule_search_locations)[0], "inference.py")
+    module_spec = importlib.util.spec_from_file_location("gears_inference_reference", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_perturbation_metrics_equal_gears_own_formulas():
+    from scipy.stats import pearsonr
+
+    from grnformer_ds.tasks.metrics import perturbation_metrics
+
+    gears = _gears_inference()
+    rng = np.random.default_rng(0)
+    n_genes, conds = 60, np.array(["A+ctrl"] * 7 + ["B+ctrl"] * 5 + ["A+B"] * 6)
+    truth = rng.gamma(2.0, 1.0, size=(len(conds), n_genes)).astype(np.float32)
+    pred = truth + rng.normal(scale=0.7, size=truth.shape).astype(np.float32)
+    pred[conds == "B+ctrl"] = 1.0  # a constant prediction: GEARS counts its undefined Pearson as 0
+    ctrl = rng.gamma(2.0, 1.0, size=n_genes).astype(np.float32)
+    de = {c: rng.choice(n_genes, 20, replace=False) for c in np.unique(conds)}
+    ours = perturbation_metrics(conds, pred, truth, ctrl, de)
+    de_rows = np.stack([de[c] for c in conds])
+    results = {"pert_cat": conds, "pred": pred, "truth": truth,
+               "pred_de": np.take_along_axis(pred, de_rows, 1), "truth_de": np.take_along_axis(truth, de_rows, 1)}
+    ref, _ = gears.compute_metrics(results)
+    for k in ("pearson", "pearson_de", "mse", "mse_de"):
+        assert ours[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
+    # the delta correlations, as gears.inference.deeper_analysis computes them per perturbation
+    deltas, deltas_de = [], []
+    for c in np.unique(conds):
+        p, t = pred[conds == c].mean(0), truth[conds == c].mean(0)
+        v = pearsonr(p - ctrl, t - ctrl)[0]
+        deltas.append(0 if np.isnan(v) else v)
+        v = pearsonr(p[de[c]] - ctrl[de[c]], t[de[c]] - ctrl[de[c]])[0]
+        deltas_de.append(0 if np.isnan(v) else v)
+    assert ours["pearson_delta"] == pytest.approx(np.mean(deltas))
+    assert ours["pearson_delta_de"] == pytest.approx(np.mean(deltas_de))
+
+
+def test_perturbation_conditions_and_log_normalized_targets():
+    import scipy.sparse as sp
+
+    from grnformer_ds.data.cells import CellRows
+    from grnformer_ds.tasks.perturbation import condition_genes, log_normalized
+
+    assert condition_genes("ctrl") == [] and condition_genes("LYZ+ctrl") == ["LYZ"]
+    assert condition_genes("ctrl+LYZ") == ["LYZ"] and condition_genes("A+B") == ["A", "B"]
+    counts = sp.random(5, 12, density=0.4, random_state=0, format="csr") * 20
+    counts.data = np.ceil(counts.data)
+    rows = CellRows(indptr=counts.indptr.astype(np.int64), indices=counts.indices, data=counts.data.astype(np.uint16),
+                    cell_index=np.arange(5), cell_type=np.zeros(5, np.int64))
+    dense = counts.toarray()
+    expected = np.log1p(dense / dense.sum(1, keepdims=True) * 1e4)  # scanpy's normalize_total(1e4) + log1p
+    np.testing.assert_allclose(log_normalized(rows, 12), expected, rtol=1e-6)
+
+
+def test_gene_conditions_read_the_models_own_gene_embeddings():
+    from grnformer_ds.modeling import GRNFormerConfig, GRNFormerForCellClassification, make_dummy_batch
+
+    config = GRNFormerConfig.from_preset("debug", vocab_size=64, num_labels=20, condition_genes=True,
+                                         problem_type="regression")
+    torch.manual_seed(0)
+    model = GRNFormerForCellClassification(config).eval()
+    ids = torch.tensor([[5, 7], [5, config.pad_token_id]])
+    table = model.get_input_embeddings().weight
+    got = model._condition(None, ids)
+    assert torch.allclose(got[0], (table[5] + table[7]) / 2) and torch.allclose(got[1], table[5])
+    batch = make_dummy_batch(config, batch_size=2, seq_len=10, graphs=False, seed=4)
+    batch.pop("labels")
+    target = torch.rand(2, 20)
+    with torch.no_grad():
+        out = model(**batch, condition_gene_ids=ids, labels=target)
+    assert out.logits.shape == (2, 20)
+    assert out.loss.item() == pytest.approx(torch.mean((out.logits - target) ** 2).item(), rel=1e-6)

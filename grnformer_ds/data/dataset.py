@@ -99,8 +99,9 @@ class StreamingCellDataset(IterableDataset):
             pair, ...); batches then carry ``sample_index`` (B,), each sample's position in ``cells``. The plan runs
             over the samples sorted by cell; blocks are ``block_size`` of them, each read as the store range it spans.
         sample_labels: (n,) per sample of ``cells``: every batch gets ``labels`` = its samples' values (``(B,)``, in
-            place of the collator's masked-value labels; a task's targets). sample_features: (n, F) float per
-            sample: batches get ``condition_features`` (B, F) (e.g. a drug's fingerprint).
+            place of the collator's masked-value labels; a task's targets; (n, G) gives (B, G)). sample_inputs:
+            {batch key: (n, ...) array} per sample, e.g. ``condition_features`` (a drug's fingerprint) or
+            ``condition_gene_ids`` (the perturbed genes): batches get each as (B, ...) under its key.
         Collator options (max_seq_len, n_bins, mask_ratio, mask_value, pad_value, pad_to_max_len, ...) pass through
             ``collator_kwargs`` or the keyword arguments of the same name; None leaves the backbone collator's own
             default (e.g. ``mask_ratio`` 0.15 for scGPT, 0.3 for scFoundation).
@@ -116,7 +117,7 @@ class StreamingCellDataset(IterableDataset):
                  mask_ratio: float | None = None, mask_value: float | None = None, pad_value: float | None = None,
                  pad_to_max_len: bool = False, collator_kwargs: dict | None = None, cell_keyed_random: bool = False,
                  cells: np.ndarray | None = None, sample_labels: np.ndarray | None = None,
-                 sample_features: np.ndarray | None = None):
+                 sample_inputs: dict[str, np.ndarray] | None = None):
         super().__init__()
         collator_cls = get_collator(backbone)
         if (batch_size is None) == (max_tokens is None):
@@ -147,7 +148,8 @@ class StreamingCellDataset(IterableDataset):
         self.lo, self.hi = split_range(self.reader.n_cells, split, eval_fraction)
         # samples (`cells`): their store positions sorted (`subset`) and each one's index in `cells` (`sample_ids`);
         # the plans then run over positions [0, n) of `subset`
-        self.subset = self.sample_ids = self.sample_labels = self.sample_features = None
+        self.subset = self.sample_ids = self.sample_labels = None
+        self.sample_inputs: dict[str, np.ndarray] = {}
         if cells is not None:
             if split != "all":
                 raise UserInputError("cells= selects its own cells: use it with split='all'")
@@ -157,14 +159,15 @@ class StreamingCellDataset(IterableDataset):
                                      f"{self.reader.n_cells})", path=str(self.store))
             self.sample_ids = np.argsort(cells, kind="stable")
             self.subset, self.lo, self.hi = cells[self.sample_ids], 0, len(cells)
-            for name, values in (("sample_labels", sample_labels), ("sample_features", sample_features)):
-                if values is not None:
-                    if len(values) != len(cells):
-                        raise UserInputError(f"{name} has {len(values)} rows for {len(cells)} samples",
-                                             path=str(self.store))
-                    setattr(self, name, np.asarray(values))
-        elif sample_labels is not None or sample_features is not None:
-            raise UserInputError("sample_labels / sample_features need cells= (the samples they belong to)")
+            given = {"labels": sample_labels, **(sample_inputs or {})}
+            for name, values in given.items():
+                if values is not None and len(values) != len(cells):
+                    raise UserInputError(f"sample {name} has {len(values)} rows for {len(cells)} samples",
+                                         path=str(self.store))
+            self.sample_labels = None if sample_labels is None else np.asarray(sample_labels)
+            self.sample_inputs = {k: np.asarray(v) for k, v in (sample_inputs or {}).items()}
+        elif sample_labels is not None or sample_inputs:
+            raise UserInputError("sample_labels / sample_inputs need cells= (the samples they belong to)")
         self.training = (split != "eval") if training is None else bool(training)
         self.shuffle = self.training if shuffle is None else bool(shuffle)
         self.drop_last = self.training if drop_last is None else bool(drop_last)
@@ -369,9 +372,8 @@ class StreamingCellDataset(IterableDataset):
             out["sample_index"] = torch.from_numpy(sample)
             if self.sample_labels is not None:
                 out["labels"] = torch.from_numpy(np.ascontiguousarray(self.sample_labels[sample]))
-            if self.sample_features is not None:
-                out["condition_features"] = torch.from_numpy(
-                    np.ascontiguousarray(self.sample_features[sample], dtype=np.float32))
+            for name, values in self.sample_inputs.items():
+                out[name] = torch.from_numpy(np.ascontiguousarray(values[sample]))
         if self.graph_builder is not None:
             segments = out["cu_seq_lens_q"].numpy() if self.packed else None
             out.update(self.graph_builder(slot_genes, rows.cell_type, rows.active_regulons,

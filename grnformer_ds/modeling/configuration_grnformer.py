@@ -80,7 +80,9 @@ class GRNFormerConfig(PretrainedConfig):
         classifier_hidden_layers (`int`, 2), classifier_dropout (`float`, 0.1): the cell-level task head
             (`GRNFormerForCellClassification`; scGPT's ClsDecoder has 2 hidden blocks). With HF's `num_labels`,
             `id2label` / `label2id` and `problem_type`. condition_feature_size (`int`, 0): width of a per-sample
-            condition vector the classifier also reads (e.g. a drug's fingerprint; 0 = none).
+            condition vector the classifier also reads (e.g. a drug's fingerprint; 0 = none). condition_genes
+            (`bool`, False): the condition is a set of genes (`condition_gene_ids`, a genetic perturbation), read
+            as the mean of their gene embeddings.
     """
 
     model_type = "grnformer"
@@ -134,6 +136,7 @@ class GRNFormerConfig(PretrainedConfig):
         classifier_hidden_layers: int = 2,
         classifier_dropout: float = 0.1,
         condition_feature_size: int = 0,
+        condition_genes: bool = False,
         **kwargs,
     ):
         self.backbone = backbone
@@ -182,6 +185,7 @@ class GRNFormerConfig(PretrainedConfig):
         self.classifier_hidden_layers = classifier_hidden_layers
         self.classifier_dropout = classifier_dropout
         self.condition_feature_size = condition_feature_size
+        self.condition_genes = condition_genes
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         spec = self.backbone_spec
         if self.backbone_module is None and type(spec).__module__.rpartition(".")[0] != __name__.rpartition(".")[0]:

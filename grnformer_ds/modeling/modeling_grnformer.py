@@ -78,7 +78,8 @@ class GRNFormerModelOutput(ModelOutput):
 class GRNFormerCellClassifierOutput(ModelOutput):
     """
     loss: cross-entropy over the cells whose label != -100 (single_label_classification; the mean, or the sum
-        divided by `num_items_in_batch` when it is given), or MSE for `num_labels == 1` (regression).
+        divided by `num_items_in_batch` when it is given), or the squared error per value for
+        `problem_type="regression"` / `num_labels == 1` (bulk drug response: ln IC50; perturbation: every gene).
     logits: (B, num_labels) per cell (packed: the B real cells).
     cell_embedding, last_hidden_state, hidden_states, structure_states, fusion_attentions: from the encoder.
     """
@@ -358,7 +359,7 @@ class GRNFormerModel(GRNFormerPreTrainedModel):
 # batch keys the base model accepts and ignores whatever its backbone is: the training-only keys (a training batch
 # runs through `GRNFormerModel`, e.g. for embeddings) and the built-in backbones' own keys
 _IGNORED_KEYS = ("labels", "num_items_in_batch", "total_counts", "decoder_values", "decoder_input_ids",
-                 "sample_index", "condition_features")
+                 "sample_index", "condition_features", "condition_gene_ids")
 
 
 class GRNFormerForMaskedLM(GRNFormerPreTrainedModel):
@@ -471,11 +472,13 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
         self.num_labels = config.num_labels
         self.grnformer = GRNFormerModel(config, build_structure_encoder=build_structure_encoder)
         width = config.backbone_spec.cell_embedding_size(config)
-        # a per-sample condition (e.g. a drug's fingerprint, DeepCDR's setup) joins the cell embedding
+        # a per-sample condition joins the cell embedding: a feature vector (a drug's fingerprint, DeepCDR's setup)
+        # or a set of genes (a genetic perturbation: the mean of the model's own gene embeddings, so a gene never
+        # perturbed in training still has a meaningful input)
         self.condition_encoder = None
-        if config.condition_feature_size:
-            self.condition_encoder = nn.Sequential(nn.Linear(config.condition_feature_size, width), nn.ReLU(),
-                                                   nn.Linear(width, width))
+        if config.condition_feature_size or config.condition_genes:
+            size = config.condition_feature_size or config.hidden_size
+            self.condition_encoder = nn.Sequential(nn.Linear(size, width), nn.ReLU(), nn.Linear(width, width))
         self.classifier = CellClassifier(2 * width if self.condition_encoder is not None else width,
                                          config.num_labels, config.classifier_hidden_layers,
                                          config.classifier_dropout, config.layer_norm_eps)
@@ -489,6 +492,21 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.grnformer.get_input_embeddings()
+
+    def _condition(self, features: torch.Tensor | None, gene_ids: torch.Tensor | None) -> torch.Tensor:
+        """The condition encoder's input: the features (B, F), or the mean gene embedding of each sample's genes
+        (B, H)."""
+        if self.config.condition_feature_size:
+            if features is None:
+                raise ValueError("GRNFormerForCellClassification: the config has condition_feature_size "
+                                 f"{self.config.condition_feature_size}; pass condition_features (B, F)")
+            return features
+        if gene_ids is None:
+            raise ValueError("GRNFormerForCellClassification: the config has condition_genes; pass "
+                             "condition_gene_ids (B, P)")
+        real = (gene_ids != self.config.pad_token_id).unsqueeze(-1)  # (B, P, 1)
+        genes = self.get_input_embeddings()(gene_ids) * real  # (B, P, H)
+        return genes.sum(1) / real.sum(1).clamp(min=1)
 
     def forward(
         self,
@@ -511,6 +529,7 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
         cell_index: torch.Tensor | None = None,
         cell_type_ids: torch.Tensor | None = None,
         condition_features: torch.Tensor | None = None,
+        condition_gene_ids: torch.Tensor | None = None,
         sample_index: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | float | None = None,
         output_hidden_states: bool | None = None,
@@ -523,7 +542,9 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
             labels: (B,) int64 class per cell, -100 = ignored (float for regression). The backbone's pretraining
                 inputs (e.g. scFoundation's `decoder_values`) are accepted and ignored.
             condition_features: (B, condition_feature_size) float per sample (e.g. a drug's Morgan fingerprint),
-                required when the config has `condition_feature_size`. sample_index: bookkeeping, unused.
+                required when the config has `condition_feature_size`. condition_gene_ids: (B, P) int64 vocabulary
+                ids of each sample's condition genes (the perturbed genes), `pad_token_id` where a sample has fewer;
+                required when the config has `condition_genes`. sample_index: bookkeeping, unused.
             num_items_in_batch: divide the summed per-cell losses by this instead of this batch's labelled cells
                 (the trainer passes the count of the whole optimizer step).
         Returns:
@@ -540,15 +561,13 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
             output_hidden_states=output_hidden_states, output_fusion_attentions=output_fusion_attentions)
         features = enc.cell_embedding  # (B, H')
         if self.condition_encoder is not None:
-            if condition_features is None:
-                raise ValueError("GRNFormerForCellClassification: the config has condition_feature_size "
-                                 f"{self.config.condition_feature_size}; pass condition_features (B, F)")
-            cond = self.condition_encoder(condition_features.to(features.dtype))
-            features = torch.cat([features, cond], dim=-1)  # (B, 2H')
+            features = torch.cat([features, self.condition_encoder(
+                self._condition(condition_features, condition_gene_ids).to(features.dtype))], dim=-1)  # (B, 2H')
         logits = self.classifier(features)  # (B, num_labels)
         loss = None
         if labels is not None:
-            loss = cell_loss(logits, labels, num_items_in_batch)
+            regression = self.config.problem_type == "regression" or self.num_labels == 1
+            loss = cell_loss(logits, labels, num_items_in_batch, regression)
         out = GRNFormerCellClassifierOutput(
             loss=loss, logits=logits, cell_embedding=enc.cell_embedding, last_hidden_state=enc.last_hidden_state,
             hidden_states=enc.hidden_states, structure_states=enc.structure_states,
@@ -556,14 +575,16 @@ class GRNFormerForCellClassification(GRNFormerPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
-def cell_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy (logits (B, C), labels (B,) int64, -100 ignored) or, for C == 1, MSE against float labels;
-    summed over the labelled cells and divided by `num_items_in_batch` (default: their count, i.e. the mean)."""
+def cell_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
+              regression: bool = False) -> torch.Tensor:
+    """Cross-entropy (logits (B, C), labels (B,) int64, -100 ignored) or, for `regression`, squared error against
+    float labels (B,) (C == 1) or (B, C); summed over the labelled values and divided by `num_items_in_batch`
+    (default: their count, i.e. the mean)."""
     logits = logits.float()
-    if logits.shape[-1] == 1:
-        keep = labels != IGNORE_INDEX
-        per_cell = (logits[:, 0] - labels.to(logits.dtype)) ** 2
-        total = (per_cell * keep).sum()
+    if regression:
+        target = labels.to(logits.dtype).reshape(logits.shape[0], -1)
+        keep = target != IGNORE_INDEX
+        total = (((logits - target) ** 2) * keep).sum()
         count = keep.sum()
     else:
         total = nn.functional.cross_entropy(logits, labels.long(), ignore_index=int(IGNORE_INDEX), reduction="sum")

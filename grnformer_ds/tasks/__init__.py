@@ -32,7 +32,7 @@ def get_task(name: str) -> Task:
 
 
 def _load_builtin() -> None:
-    from . import cell_classification, drug_response, pretrain  # noqa: F401  (they register themselves)
+    from . import cell_classification, drug_response, perturbation, pretrain  # noqa: F401  (they register themselves)
 
 
 __all__ = ["RunContext", "Task", "get_task", "register_task", "task_names"]

@@ -144,7 +144,7 @@ class DrugResponse(CellTypeClassification):
         return StreamingCellDataset(
             run.store_path, split="all", cells=run.state["cells"][pairs],
             sample_labels=run.state["pair_labels"][pairs],
-            sample_features=run.state["fingerprints"][run.state["drug_of_pair"][pairs]],
+            sample_inputs={"condition_features": run.state["fingerprints"][run.state["drug_of_pair"][pairs]]},
             training=training, shuffle=training, drop_last=training, cell_keyed_random=not training, **kw)
 
     def score(self, run: RunContext, split: str, dataset) -> dict[str, float]:

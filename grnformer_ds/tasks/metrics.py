@@ -38,3 +38,38 @@ def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str
     return {"loss": mse, "rmse": float(np.sqrt(mse)),
             "pearson": float("nan") if constant else float(pearsonr(y, p).statistic),
             "spearman": float("nan") if constant else float(spearmanr(y, p).statistic)}
+
+
+def _pearson0(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation, 0 where it is undefined (a constant input), as GEARS counts it."""
+    from scipy.stats import pearsonr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    value = float(pearsonr(a, b).statistic)
+    return 0.0 if np.isnan(value) else value
+
+
+def perturbation_metrics(conditions: np.ndarray, predictions: np.ndarray, truth: np.ndarray,
+                         control_mean: np.ndarray, de_genes: dict[str, np.ndarray]) -> dict[str, float]:
+    """GEARS' evaluation (gears.inference.compute_metrics and the delta correlations of its deeper_analysis):
+    per perturbation, the mean predicted and the mean true expression over its cells are compared over all genes
+    and over its top DE genes (`de_genes[condition]`, column indices): Pearson (`pearson`, `pearson_de`), MSE (`mse`,
+    `mse_de`) and Pearson of the change against the control mean (`pearson_delta`, `pearson_delta_de`); each
+    averaged over the perturbations. `loss`: the per-cell, per-gene MSE (the training loss). conditions (N,) str,
+    predictions / truth (N, G), control_mean (G,)."""
+    out: dict[str, list[float]] = {k: [] for k in ("pearson", "pearson_de", "mse", "mse_de", "pearson_delta",
+                                                   "pearson_delta_de")}
+    conditions = np.asarray(conditions)
+    for cond in np.unique(conditions):
+        rows = conditions == cond
+        p, t, de = predictions[rows].mean(0), truth[rows].mean(0), np.asarray(de_genes[cond])
+        out["pearson"].append(_pearson0(p, t))
+        out["pearson_de"].append(_pearson0(p[de], t[de]))
+        out["mse"].append(float(np.mean((p - t) ** 2)))
+        out["mse_de"].append(float(np.mean((p[de] - t[de]) ** 2)))
+        out["pearson_delta"].append(_pearson0(p - control_mean, t - control_mean))
+        out["pearson_delta_de"].append(_pearson0(p[de] - control_mean[de], t[de] - control_mean[de]))
+    metrics = {k: float(np.mean(v)) for k, v in out.items()}
+    metrics["loss"] = float(np.mean((np.asarray(predictions, np.float64) - truth) ** 2))
+    return metrics
