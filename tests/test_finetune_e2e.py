@@ -146,20 +146,26 @@ def test_sc_drug_response_on_an_h5ad_with_folds(pretrained, tmp_path):
     adata.obs["response"] = np.where(myeloid, "sensitive", "resistant")
     adata.obs.loc[adata.obs_names[:5], "response"] = None  # unlabelled cells are in no split
     adata.write_h5ad(h5ad)
-    out = str(tmp_path / "run")
-    p = _run(["--task", "sc-drug-response", "--model", folder, "--data", str(h5ad), "--output-dir", out,
-              "--fold", "1", "--epochs", "2", "--lr", "3e-3", "--no-progress", "--mlflow-tracking-uri", "none",
-              "--no-export"])
+    root = str(tmp_path / "cv")
+    p = _run(["--task", "sc-drug-response", "--model", folder, "--data", str(h5ad), "--output-dir", root,
+              "--folds", "3", "--fold", "all", "--epochs", "1", "--lr", "3e-3", "--no-progress",
+              "--mlflow-tracking-uri", "none", "--no-export"])
     assert "of the file's genes are in the model's vocabulary" in p.stdout, p.stdout
-    assert "fold 1 of 5" in p.stdout, p.stdout
-    report = json.load(open(os.path.join(out, "test_metrics.json")))
+    assert "fold 1 of 3" in p.stdout and "3-fold test: accuracy" in p.stdout, p.stdout
+    reports = [json.load(open(os.path.join(root, f"fold{k}", "test_metrics.json"))) for k in range(3)]
+    report = reports[1]
     assert report["classes"] == ["resistant", "sensitive"]  # the positive class last: roc_auc scores it
     assert report["n_train"] + report["n_val"] + report["n_test"] == 695
-    assert abs(report["n_test"] - 695 / 5) <= 2
+    assert abs(report["n_test"] - 695 / 3) <= 2
     assert 0.0 <= report["test"]["roc_auc"] <= 1.0 and "roc_auc" in report["val"]
-    splits = np.load(os.path.join(out, "splits.npz"))
+    tests = [set(np.load(os.path.join(root, f"fold{k}", "splits.npz"))["test"].tolist()) for k in range(3)]
+    assert not tests[0] & tests[1] and len(tests[0] | tests[1] | tests[2]) == 695  # the folds partition the cells
+    splits = np.load(os.path.join(root, "fold1", "splits.npz"))
     codes = splits["codes"]
     assert (codes == -100).sum() == 5 and not set(np.flatnonzero(codes == -100)) & set(splits["test"])
+    cv = json.load(open(os.path.join(root, "cv_metrics.json")))
+    assert cv["test"]["roc_auc"]["per_fold"] == [r["test"]["roc_auc"] for r in reports]
+    assert cv["test"]["roc_auc"]["mean"] == pytest.approx(np.mean([r["test"]["roc_auc"] for r in reports]))
 
 
 def test_finetune_bad_input_is_one_line(pretrained, tmp_path):

@@ -34,12 +34,14 @@ class Embeddings:
 
 
 def load_model(model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """The folder's `GRNFormerForMaskedLM` in eval mode on `device` (default: CUDA when visible, else CPU); `dtype`
+    """The folder's model (its config's `architectures`: `GRNFormerForMaskedLM` for a pretraining export, the
+    fine-tuned class for a fine-tuning one) in eval mode on `device` (default: CUDA when visible, else CPU); `dtype`
     default float32 (`embed` runs bf16 autocast on a GPU). One-line `UserInputError` for a folder that is not one of
     ours."""
+    import json
     import os
 
-    from grnformer_ds.modeling import GRNFormerForMaskedLM
+    from grnformer_ds.modeling import model_class
 
     for name in ("config.json", "model.safetensors", "vocab.json"):
         if not os.path.isfile(os.path.join(model_dir, name)):
@@ -47,7 +49,9 @@ def load_model(model_dir: str, device: str | torch.device | None = None, dtype: 
                                  model_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model = GRNFormerForMaskedLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            architecture = (json.load(fh).get("architectures") or ["GRNFormerForMaskedLM"])[0]
+        model = model_class(architecture).from_pretrained(model_dir, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise UserInputError(f"cannot load the model ({' '.join(str(exc).split())})", model_dir) from None
     return model.to(device).eval()

@@ -89,7 +89,9 @@ class CellTypeClassification(Task):
         g.add_argument("--folds", type=int, default=self.folds_default,
                        help="stratified k-fold: the test split is fold --fold of --folds"
                             + (f" (default {self.folds_default})" if self.folds_default else ""))
-        g.add_argument("--fold", type=int, default=0, help="which fold is the test split (0)")
+        g.add_argument("--fold", default=0,
+                       help="which fold is the test split (0), or 'all': every fold in turn under --output-dir, "
+                            "then cv_metrics.json (mean ± sd over the folds)")
         g.add_argument("--split-seed", type=int, default=None, help="seed of the splits (default: --seed)")
         g.add_argument("--patience", type=int, default=3,
                        help=f"stop after this many evaluations without a better validation {self.early_stopping[0]}"

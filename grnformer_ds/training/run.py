@@ -81,10 +81,57 @@ def run_pretraining(args: Namespace) -> int:
 
 
 def run_finetuning(args: Namespace) -> int:
-    """launchers/finetune.py: `args.task` from the pretrained folder `args.model`."""
+    """launchers/finetune.py: `args.task` from the pretrained folder `args.model`; `--fold all` runs every fold."""
     from grnformer_ds.tasks import get_task
 
-    return run_task(args, get_task(args.task))
+    task = get_task(args.task)
+    if str(getattr(args, "fold", "")) != "all":
+        if getattr(args, "fold", None) is not None:
+            args.fold = _fold_number(args.fold)
+        return run_task(args, task)
+    return run_all_folds(args, task)
+
+
+def _fold_number(fold) -> int:
+    try:
+        return int(fold)
+    except ValueError:
+        raise UserInputError(f"--fold must be a fold number or 'all', got {fold!r}") from None
+
+
+def run_all_folds(args: Namespace, task) -> int:
+    """Every fold of a k-fold task in turn, each a complete run in `<output-dir>/fold<k>` (resumable: a fold with
+    its test metrics is kept), then `cv_metrics.json`: each test metric's mean and sd over the folds."""
+    import copy
+    import statistics
+
+    if not args.folds:
+        raise UserInputError("--fold all needs --folds K")
+    if not args.output_dir:
+        raise UserInputError("--fold all needs --output-dir (the folds' runs go to <output-dir>/fold<k>)")
+    reports = []
+    for k in range(args.folds):
+        fold_args = copy.copy(args)
+        fold_args.fold, fold_args.output_dir = k, os.path.join(args.output_dir, f"fold{k}")
+        fold_args.run_name = f"{args.run_name or task.name}-fold{k}"
+        done = os.path.join(fold_args.output_dir, "test_metrics.json")
+        if not (args.resume and os.path.isfile(done)):
+            rc = run_task(fold_args, task)
+            if rc:
+                return rc
+        with open(done, encoding="utf-8") as fh:
+            reports.append(json.load(fh))
+    metrics = sorted(reports[0]["test"])
+    summary = {"task": task.name, "folds": args.folds, "test": {
+        m: {"mean": statistics.fmean(r["test"][m] for r in reports),
+            "sd": statistics.stdev(r["test"][m] for r in reports) if len(reports) > 1 else 0.0,
+            "per_fold": [r["test"][m] for r in reports]} for m in metrics}}
+    if dist.get_rank() == 0:
+        ckpt.atomic_write_text(os.path.join(args.output_dir, "cv_metrics.json"), json.dumps(summary, indent=1))
+        shown = ", ".join(f"{m} {v['mean']:.4f} ± {v['sd']:.4f}" for m, v in summary["test"].items() if m != "loss")
+        print(f"{args.folds}-fold test: {shown}; wrote {os.path.join(args.output_dir, 'cv_metrics.json')}",
+              flush=True)
+    return 0
 
 
 def _task_store(args: Namespace, settings: RunSettings, info, say, verbose: bool) -> tuple[str, str | None]:
