@@ -1,5 +1,6 @@
-"""Pretraining with DeepSpeed: run settings, DeepSpeed config resolution, engine, LR schedule, guards, checkpoints,
-MLflow tracking, the training loop and the Hugging Face export.
+"""Training with DeepSpeed, pretraining and fine-tuning alike (what differs per task is in `grnformer_ds.tasks`): run
+settings, DeepSpeed config resolution, engine, LR schedule, guards, checkpoints, MLflow tracking, the training loop
+and the Hugging Face export.
 
 Modules (import them directly; this package imports nothing heavy so that `--help` and config errors stay fast):
     settings     RunSettings / BatchSettings / OptimSettings (typed run settings)
@@ -10,8 +11,10 @@ Modules (import them directly; this package imports nothing heavy so that `--hel
     checkpoint   DeepSpeed checkpoints + loader/RNG state + atomic "latest"
     tracking     MLflow on rank 0
     throughput   cells/s, tokens/s, MFU
-    trainer      the training loop (accumulation, evaluation, logging, checkpoints, resume)
+    trainer      the training loop (accumulation, evaluation, logging, checkpoints, resume, early stopping)
+    early_stopping  the validation-metric rule and the best checkpoint (fine-tuning)
     integration  store / demo store / model / dataset glue
     export       ZeRO checkpoint (any world size) -> save_pretrained folder
-    run          run_pretraining(args), used by launchers/pretrain.py
+    cli          the launchers' shared command-line options
+    run          run_task(args, task): run_pretraining (launchers/pretrain.py), run_finetuning (launchers/finetune.py)
 """
