@@ -339,20 +339,32 @@ def run_task(args: Namespace, task) -> int:
 
     # the task's evaluation (pretraining: trivial baselines beside every held-out loss, training/baselines.py)
     extras = task.trainer_extras(run, eval_batches)
+    from grnformer_ds.training.preemption import PreemptionHandler
+
+    preemption = PreemptionHandler().install()  # SIGTERM / SIGUSR1: checkpoint at the next step, exit 0
     trainer = Trainer(engine, settings, resolved, train_batches, eval_batches, tracker, info.is_main,
                       flops_info=flops_profile(model), prepare_batch=prepare_batch, schedule=schedule, say=say,
-                      **extras)
+                      preemption=preemption, **extras)
     status = "FAILED"
     try:
         trainer.maybe_resume()
         last = trainer.train()
+        if trainer.preempted:
+            status = "KILLED"
+            waited = time.time() - (preemption.received_at or time.time())
+            say(f"preempted at step {trainer.state.step} ({preemption.signal_name or 'a signal on another rank'}): "
+                f"checkpoint {os.path.join(ckpt_root, ckpt.tag_for_step(trainer.state.step))} written "
+                f"{waited:.0f} s after the signal; continue with --resume")
+            tracker.end("KILLED")
+            return 0
         task.finish(run, trainer, tracker)
         status = "FINISHED"
     except (NonFiniteLossError, OutOfMemoryHint) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        if status != "FINISHED":
+        preemption.uninstall()
+        if status not in ("FINISHED", "KILLED"):
             tracker.end("FAILED")
     fmt = ".4g" if fine_tuning else ".1f"
     say(f"done: step {trainer.state.step}, loss {last.get('loss', float('nan')):{fmt}}"

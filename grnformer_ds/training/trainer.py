@@ -119,11 +119,16 @@ class Trainer:
                  baselines=None,
                  evaluator: Callable[[], dict[str, float]] | None = None,
                  early_stopping=None,
-                 desc: str = "pretrain"):
+                 desc: str = "pretrain",
+                 preemption=None):
         """evaluator: a task's held-out evaluation (returns the same metrics dict on every rank, "loss" among them)
         in place of the masked-value loss over `eval_batches`. early_stopping: `early_stopping.EarlyStopping` on one
-        of its metrics: every improving evaluation is checkpointed (and kept), the run stops after its patience."""
+        of its metrics: every improving evaluation is checkpointed (and kept), the run stops after its patience.
+        preemption: `preemption.PreemptionHandler`: after a signal every rank saves at the end of the current step
+        and `train` returns with `preempted` set."""
         self.engine = engine
+        self.preemption = preemption
+        self.preempted = False
         self.evaluator = evaluator
         self.early_stopping = early_stopping
         self.desc = desc
@@ -461,6 +466,10 @@ class Trainer:
                         break
                 if bar is not None:
                     bar.update(1)
+                if self.preemption is not None and step != self.s.max_steps \
+                        and self.preemption.should_stop(self.device):
+                    self.preempted = True  # the checkpoint below, then out
+                    break
                 if step % self.s.save_every == 0 and step != self.s.max_steps and self.last_saved_step != step:
                     self.save()
             if self.last_saved_step != self.state.step:

@@ -1,0 +1,111 @@
+"""Preemption (issue 16): SIGTERM / SIGUSR1 mid-run on 1 and 2 CPU ranks -> every rank stops at the next optimizer
+step with a complete checkpoint and exits 0; `--resume` then gives exactly the uninterrupted run's losses. A second
+signal while the checkpoint is written changes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(REPO, "launchers", "pretrain.py")
+ZERO3 = os.path.join(REPO, "ds_configs", "zero3.json")
+STEPS = 24
+COMMON = ["--deepspeed_config", ZERO3, "--max-steps", str(STEPS), "--eval-every", "12", "--save-every", "100",
+          "--lr", "5e-3", "--no-progress", "--mlflow-tracking-uri", "none", "--no-export"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _cmd(args, ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, PRETRAIN, *args]
+    ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [ds, "--master_port", str(_free_port()), "--num_gpus", str(ranks), PRETRAIN, *args]
+
+
+def _metrics(out) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(x) for x in fh if x.strip().endswith("}")]
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    from grnformer_ds.training.integration import ensure_demo
+
+    d = str(tmp_path_factory.mktemp("preempt_cache"))
+    ensure_demo(d, say=lambda line: None)
+    return d
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_cache, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("preempt") / "full")
+    p = subprocess.run(_cmd([*COMMON, "--demo-cache-dir", demo_cache, "--output-dir", out], 1), cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return _metrics(out)
+
+
+@pytest.mark.parametrize("ranks,sig", [(1, signal.SIGTERM), (2, signal.SIGTERM), (1, signal.SIGUSR1)])
+def test_signal_stops_with_a_checkpoint_and_resume_is_exact(demo_cache, uninterrupted, tmp_path, ranks, sig):
+    out = str(tmp_path / "run")
+    args = [*COMMON, "--demo-cache-dir", demo_cache, "--output-dir", out]
+    proc = subprocess.Popen(_cmd(args, ranks), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_metrics(out)) < 5 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    if ranks == 1:
+        proc.send_signal(sig)
+    else:  # as SLURM does: every process of the job (the launcher forwards it to the ranks: a second signal)
+        os.killpg(proc.pid, sig)
+    t0 = time.time()
+    output, _ = proc.communicate(timeout=120)
+    assert time.time() - t0 < 60, output[-3000:]
+    if ranks == 1:
+        assert proc.returncode == 0, output[-3000:]
+    assert f"{signal.Signals(sig).name} received" in output, output[-3000:]
+    assert "preempted at step" in output, output[-3000:]
+    from grnformer_ds.training import checkpoint as ckpt
+
+    root = os.path.join(out, "checkpoints")
+    tag = ckpt.find_latest(root)
+    assert tag is not None, output[-3000:]
+    stopped = int(tag.replace("global_step", ""))
+    assert 5 <= stopped < STEPS
+    assert len(ckpt.complete_tags(root)) == 1  # the preemption checkpoint, nothing half-written beside it
+    assert [m["step"] for m in _metrics(out)] == list(range(1, stopped + 1))
+
+    p = subprocess.run(_cmd([*args, "--resume"], ranks), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"at step {stopped}" in p.stdout, p.stdout[-2000:]
+    got, ref = _metrics(out), uninterrupted
+    assert [m["step"] for m in got] == [m["step"] for m in ref]
+    if ranks == 1:  # the same run as the uninterrupted one, step for step
+        for a, b in zip(got, ref):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["data_digest"] == b["data_digest"]
