@@ -52,8 +52,12 @@ def settings_from_args(args: Namespace, fine_tuning: bool = False) -> RunSetting
                             new_params_lr=getattr(args, "new_params_lr", None)))
 
 
+MLFLOW_RUN_ID = "mlflow_run_id.txt"  # the run's MLflow run, written by the tracker as soon as MLflow gives it
+
+
 def _saved_mlflow_run_id(settings: RunSettings) -> str | None:
-    """On --resume, the MLflow run of the checkpoint we resume from (so metrics continue in one run)."""
+    """On --resume, the MLflow run of the checkpoint we resume from (so metrics continue in one run); when the
+    checkpoint predates the run (MLflow was unreachable then), the run the tracker created later."""
     if not settings.resume:
         return None
     root = os.path.join(settings.output_dir, "checkpoints")
@@ -61,7 +65,12 @@ def _saved_mlflow_run_id(settings: RunSettings) -> str | None:
     if tag is None:
         return None
     with open(os.path.join(root, tag, ckpt.TRAINER_STATE), encoding="utf-8") as fh:
-        return json.load(fh).get("mlflow_run_id")
+        run_id = json.load(fh).get("mlflow_run_id")
+    path = os.path.join(settings.output_dir, MLFLOW_RUN_ID)
+    if run_id is None and os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            run_id = fh.read().strip() or None
+    return run_id
 
 
 def epoch_schedule(settings: RunSettings, args: Namespace, batches_per_epoch: int, grad_accum: int) -> RunSettings:
@@ -207,7 +216,7 @@ def run_task(args: Namespace, task) -> int:
             import shutil
 
             shutil.rmtree(ckpt_root, ignore_errors=True)
-            for name in ("metrics.jsonl", "ds_config.resolved.json", "test_metrics.json"):
+            for name in ("metrics.jsonl", "ds_config.resolved.json", "test_metrics.json", MLFLOW_RUN_ID):
                 if os.path.exists(os.path.join(settings.output_dir, name)):
                     os.remove(os.path.join(settings.output_dir, name))
             shutil.rmtree(os.path.join(settings.output_dir, "hf_model"), ignore_errors=True)
@@ -307,7 +316,8 @@ def run_task(args: Namespace, task) -> int:
     if info.is_main:
         os.makedirs(settings.output_dir, exist_ok=True)
     tracker = Tracker(info.is_main and uri.lower() != "none", uri, settings.experiment_name, settings.run_name,
-                      run_id=_saved_mlflow_run_id(settings))
+                      run_id=_saved_mlflow_run_id(settings),
+                      run_id_path=os.path.join(settings.output_dir, MLFLOW_RUN_ID))
     if info.is_main:
         from grnformer_ds.training.export import write_run_assets
 
@@ -318,6 +328,7 @@ def run_task(args: Namespace, task) -> int:
         ckpt.atomic_write_text(run_path, json.dumps({**settings.to_flat_dict(), "packed": resolved.packed,
                                                      "attn_implementation": config._attn_implementation,
                                                      "task": {"name": task.name, **task.summary(run)},
+                                                     "mlflow_tracking_uri_resolved": uri,
                                                      "tokenization": I.tokenization_summary(train_batches.dataset),
                                                      "plugins": list(getattr(args, "plugin", None) or [])},
                                                     indent=1))
@@ -348,6 +359,8 @@ def run_task(args: Namespace, task) -> int:
     status = "FAILED"
     try:
         trainer.maybe_resume()
+        if settings.resume and info.is_main:  # steps a previous process could not send (tracking.py)
+            tracker.fill_gaps(os.path.join(settings.output_dir, "metrics.jsonl"))
         last = trainer.train()
         if trainer.preempted:
             status = "KILLED"
