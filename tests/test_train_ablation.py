@@ -1,7 +1,8 @@
 """The GRN ablation: the random-GRN control keeps every TF's and every target's degree while rewiring the edges (a
 store view sharing the real shards), every GRN arm runs the same transformer layers as the plain backbone, and
-`launchers/ablation.py` trains two arms on the demo store and writes its table; the linear probe on cell types
-reads the store's own labels and recovers them from PCA of the expression."""
+`launchers/ablation.py` trains two arms on the demo store, fine-tunes each for cell types with the GRN it was
+pretrained with (none for no-grn, the shuffled store for random-grn) on the same split, and writes its table; the
+linear probe on cell types reads the store's own labels and recovers them from PCA of the expression."""
 from __future__ import annotations
 
 import json
@@ -59,7 +60,8 @@ def test_every_grn_arm_has_the_plain_backbones_layers():
 def test_ablation_command_on_the_demo_store(demo_store, tmp_path):
     out = tmp_path / "ablation"
     cmd = [sys.executable, os.path.join(REPO, "launchers", "ablation.py"), "--data", demo_store, "--arms",
-           "no-grn,random-grn", "--seeds", "0", "--max-steps", "3", "--out-dir", str(out)]
+           "no-grn,random-grn", "--seeds", "0", "--max-steps", "3", "--out-dir", str(out), "--finetune-epochs", "1",
+           "--finetune-args", "--max-steps 2 --eval-every 2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -68,10 +70,27 @@ def test_ablation_command_on_the_demo_store(demo_store, tmp_path):
     for arm in summary["arms"].values():
         assert np.isfinite(arm["eval_loss_mean"]) and arm["baseline_gene_mean"] < arm["baseline_global_mean"]
         assert 0 <= arm["probe_accuracy"][0] <= 1 and len(arm["runs"][0]["probe"]) == 4
+        # the downstream column: cell-type fine-tuning of the run, scored on the test split
+        assert 0 <= arm["finetune_accuracy"][0] <= 1 and 0 <= arm["finetune_macro_f1"][0] <= 1
+        assert arm["runs"][0]["finetune"]["steps_trained"] == 2 and arm["runs"][0]["finetune"]["n_test"] > 0
     assert summary["probe_baseline_pca"]["accuracy"] > 0.6  # cell types are recoverable from expression
+    assert summary["finetune_baseline_pca"]["accuracy"][0] > 0.5  # on the fine-tuning runs' own test cells
     random_run = json.load(open(out / "random-grn" / "seed0" / "run_settings.resolved.json"))
     assert "random_grn_store_seed0" in random_run["data"]
-    assert "| no-grn |" in (out / "ablation.md").read_text()
+    # each arm fine-tuned with the GRN it was pretrained with: none for no-grn (finetune.py would add GRN parts
+    # without --no-graph), the same shuffled store view for random-grn; both on the same split
+    runs = {name: out / name / "seed0_cell-type" for name in summary["arms"]}
+    models = {name: json.load(open(d / "checkpoints" / "model_config.json")) for name, d in runs.items()}
+    settings = {name: json.load(open(d / "run_settings.resolved.json")) for name, d in runs.items()}
+    assert models["no-grn"]["use_graph"] is False and models["random-grn"]["use_graph"] is True
+    assert settings["random-grn"]["data"] == random_run["data"]
+    assert "random_grn_store_seed0" not in settings["no-grn"]["data"]
+    assert "--no-graph" in (out / "no-grn" / "seed0_cell-type.log").read_text().splitlines()[0]
+    assert "--no-graph" not in (out / "random-grn" / "seed0_cell-type.log").read_text().splitlines()[0]
+    splits = [np.load(d / "splits.npz") for d in runs.values()]
+    assert all(np.array_equal(splits[0][k], splits[1][k]) for k in ("train", "val", "test"))
+    table = (out / "ablation.md").read_text()
+    assert "| no-grn |" in table and "downstream: fine-tuned cell-type accuracy" in table
     bad = subprocess.run(cmd[:2] + ["--data", demo_store, "--arms", "nonsense", "--out-dir", str(out)],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "unknown arm 'nonsense'" in bad.stderr, bad.stderr
