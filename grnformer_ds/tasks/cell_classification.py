@@ -192,6 +192,12 @@ class CellTypeClassification(Task):
         es = trainer.early_stopping
         best = es.best_step if es is not None and es.best_step is not None else trainer.state.step
         tag = ckpt.tag_for_step(best)
+        if not ckpt.is_complete(trainer.ckpt_root, tag):  # its save failed (--on-save-error continue)
+            tag = ckpt.find_latest(trainer.ckpt_root)
+            if tag is None:
+                raise ckpt.CheckpointSaveError("no checkpoint was saved: nothing to score on the test split")
+            run.say(f"warning: the best checkpoint (step {best}) was not saved; scoring {tag} instead")
+            best = int(tag.replace("global_step", ""))
         ckpt.load_weights(run.engine, trainer.ckpt_root, tag)
         run.engine.eval()
         test = self.score(run, "test", self._dataset(run, "test"))

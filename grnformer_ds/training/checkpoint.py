@@ -125,6 +125,21 @@ def _prune(ckpt_root: str, keep_last: int, current: str, protect: tuple[str, ...
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed (disk full, permissions, an error part-way); the previous complete checkpoint stays `latest`."""
+
+
+def _agree(failure: tuple[str, BaseException] | None) -> tuple[str, BaseException] | None:
+    """Every rank learns whether any rank failed (one all-reduce, in place of a barrier): this rank's own failure, or
+    a stand-in naming another rank's."""
+    failed = torch.tensor([0.0 if failure is None else 1.0])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failure is None and failed.item() > 0:
+        return "another rank", RuntimeError("the save failed on another rank")
+    return failure
+
+
 def save_checkpoint(engine, ckpt_root: str, step: int, trainer_state: dict[str, Any],
                     rank_state: dict[str, Any], keep_last: int = 2, protect: tuple[str, ...] = ()) -> str | None:
     """Save a complete checkpoint for optimizer step `step` (all ranks call this). Returns the tag, or None when the
@@ -132,22 +147,41 @@ def save_checkpoint(engine, ckpt_root: str, step: int, trainer_state: dict[str, 
 
     `trainer_state` (JSON-able, rank 0's is written) and `rank_state` (any picklable, e.g. the dataset's
     state_dict; RNG states are added here) are stored next to DeepSpeed's files.
+
+    A failure at any point (preparing the folder, DeepSpeed's files, a rank's own file, making them durable, the
+    COMPLETE marker or the `latest` pointer) is agreed on by every rank at the next stage boundary: the half-written
+    tag is removed, `latest` still names the previous complete checkpoint, and every rank raises
+    `CheckpointSaveError` with one line saying where it failed and what stays. (A rank that fails inside one of
+    DeepSpeed's own collectives cannot be reached this way; a full or read-only disk fails every rank alike.)
     """
     if not params_are_finite(engine.module):
         return None
     tag = tag_for_step(step)
     tag_dir = os.path.join(ckpt_root, tag)
     rank = _rank()
-    if rank == 0:
-        os.makedirs(ckpt_root, exist_ok=True)
-        if os.path.isdir(tag_dir):  # leftover of a save that was killed (or of a run we resumed before it)
-            shutil.rmtree(tag_dir)
-    _barrier()
-    engine.save_checkpoint(ckpt_root, tag=tag, save_latest=False)
-    os.makedirs(tag_dir, exist_ok=True)
-    _atomic_torch_save({**rank_state, "rng": rng_state()}, os.path.join(tag_dir, f"rank_{rank:05d}.pt"))
-    _barrier()
-    if rank == 0:
+    previous = find_latest(ckpt_root)
+
+    def stage(where: str, work) -> tuple[str, BaseException] | None:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001  (OSError mostly; anything else must not leave a half checkpoint)
+            return where, exc
+        return None
+
+    def prepare():
+        if rank == 0:
+            os.makedirs(ckpt_root, exist_ok=True)
+            if os.path.isdir(tag_dir):  # leftover of a save that was killed (or of a run we resumed before it)
+                shutil.rmtree(tag_dir)
+
+    def write_files():
+        engine.save_checkpoint(ckpt_root, tag=tag, save_latest=False)
+        os.makedirs(tag_dir, exist_ok=True)
+        _atomic_torch_save({**rank_state, "rng": rng_state()}, os.path.join(tag_dir, f"rank_{rank:05d}.pt"))
+
+    def commit():
+        if rank != 0:
+            return
         for name in os.listdir(tag_dir):  # make DeepSpeed's files durable before declaring the tag complete
             p = os.path.join(tag_dir, name)
             if os.path.isfile(p):
@@ -156,7 +190,30 @@ def save_checkpoint(engine, ckpt_root: str, step: int, trainer_state: dict[str, 
         atomic_write_text(os.path.join(tag_dir, TRAINER_STATE), json.dumps({**trainer_state, "step": step}, indent=1))
         atomic_write_text(os.path.join(tag_dir, COMPLETE), tag + "\n")
         atomic_write_text(os.path.join(ckpt_root, LATEST), tag)
-        _prune(ckpt_root, keep_last, tag, protect)
+
+    failure = _agree(stage("preparing the folder", prepare))
+    if failure is None:
+        failure = _agree(stage("writing the checkpoint files", write_files))
+    if failure is None:
+        failure = _agree(stage("committing the checkpoint", commit))
+    if failure is not None:
+        if rank == 0:  # nothing of the failed tag may look complete; `latest` was not moved (or is put back)
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            try:
+                if previous is not None:
+                    atomic_write_text(os.path.join(ckpt_root, LATEST), previous)
+            except OSError:
+                pass  # `find_latest` ignores a pointer to a removed tag and takes the newest complete one
+        _barrier()
+        where, exc = failure
+        raise CheckpointSaveError(f"checkpoint {tag} not saved ({where}: {type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())}); {previous or 'no earlier checkpoint'} stays "
+                                  f"latest")
+    if rank == 0:
+        try:
+            _prune(ckpt_root, keep_last, tag, protect)
+        except OSError:
+            pass  # old tags left behind are removed by the next save's prune
     _barrier()
     return tag
 

@@ -93,6 +93,10 @@ def add_run_args(p: argparse.ArgumentParser, fine_tuning: bool = False) -> None:
     g.add_argument("--overwrite-output-dir", action="store_true",
                    help="start over in an --output-dir that holds another run's checkpoints (deletes them)")
     g.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many NaN/Inf losses in a row (5)")
+    g.add_argument("--on-save-error", choices=("stop", "continue"), default="stop",
+                   help="a checkpoint that cannot be written (disk full, permissions): stop the run with exit 1, or "
+                        "continue training and try again at the next save; either way the previous complete "
+                        "checkpoint stays latest (stop)")
     g.add_argument("--no-export", action="store_true", help="skip the HF export at the end of the run")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g.add_argument("--verbose", action="store_true",

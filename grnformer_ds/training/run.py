@@ -45,6 +45,7 @@ def settings_from_args(args: Namespace, fine_tuning: bool = False) -> RunSetting
         compile=bool(getattr(args, "compile", False)), attn_implementation=getattr(args, "attn_implementation", None),
         mlflow_tracking_uri=args.mlflow_tracking_uri, experiment_name=args.experiment_name, run_name=args.run_name,
         init_from=getattr(args, "init_from", None), freeze_backbone=bool(getattr(args, "freeze_backbone", False)),
+        on_save_error=getattr(args, "on_save_error", "stop"),
         batch=BatchSettings(args.micro_batch_size, args.grad_accum, getattr(args, "max_tokens", None),
                             getattr(args, "pad_to_max_tokens", None)),
         optim=OptimSettings(lr=args.lr or d["lr"], weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
@@ -374,6 +375,10 @@ def run_task(args: Namespace, task) -> int:
         status = "FINISHED"
     except (NonFiniteLossError, OutOfMemoryHint) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except ckpt.CheckpointSaveError as exc:  # every rank has it; one line is enough
+        if info.is_main:
+            print(f"error: {exc} (--on-save-error continue would train on)", file=sys.stderr, flush=True)
         return 1
     finally:
         preemption.uninstall()

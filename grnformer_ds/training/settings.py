@@ -107,10 +107,13 @@ class RunSettings:
     run_name: str | None = None
     init_from: str | None = None  # a Hugging Face folder to start from (import_checkpoint.py / export_hf.py)
     freeze_backbone: bool = False  # with init_from: train only the GRN structure encoder, the fusion and the head
+    on_save_error: str = "stop"  # a checkpoint that cannot be written: "stop" the run (exit 1) or "continue" training
     batch: BatchSettings = field(default_factory=BatchSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
 
     def __post_init__(self):
+        if self.on_save_error not in ("stop", "continue"):
+            raise UserInputError(f"--on-save-error must be stop or continue, got {self.on_save_error!r}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "max_nonfinite"):

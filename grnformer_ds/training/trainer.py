@@ -129,6 +129,7 @@ class Trainer:
         self.engine = engine
         self.preemption = preemption
         self.preempted = False
+        self.save_failures = 0  # saves that failed with --on-save-error continue
         self.evaluator = evaluator
         self.early_stopping = early_stopping
         self.desc = desc
@@ -270,9 +271,16 @@ class Trainer:
                          "micro_batch_size": self.resolved.micro_batch_size, "grad_accum": self.resolved.grad_accum,
                          "max_tokens": self.s.batch.max_tokens,
                          "zero_stage": self.resolved.zero_stage, "precision": self.resolved.precision}
-        tag = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, trainer_state,
-                                   {"data": self.train_batches.state_dict()}, keep_last=self.s.keep_last,
-                                   protect=protect)
+        try:
+            tag = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.state.step, trainer_state,
+                                       {"data": self.train_batches.state_dict()}, keep_last=self.s.keep_last,
+                                       protect=protect)
+        except ckpt.CheckpointSaveError as exc:
+            if self.s.on_save_error != "continue":
+                raise
+            self.save_failures += 1
+            self.say(f"warning: {exc}; training continues (--on-save-error continue), the next save tries again")
+            return None
         if tag is None:
             if self.is_main:
                 print(f"warning: weights are not finite at step {self.state.step}; checkpoint NOT written",
