@@ -16,6 +16,20 @@ class UserInputError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+def from_worker(exc: UserInputError) -> UserInputError:
+    """A `UserInputError` raised in a DataLoader worker comes back with the worker's traceback in its message: keep
+    the original one line."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    for marker in ("StoreDamagedError: ", "UserInputError: "):
+        if marker in last:
+            last = last.split(marker, 1)[1]
+            break
+    return UserInputError(last)
+
+
 def load_json_object(path: str | Path, what: str, missing: str | None = None) -> dict[str, Any]:
     """The JSON object stored at `path`; a missing, unreadable or invalid file, or JSON that is not an object, is a
     one-line `UserInputError` naming the file (`what` names the kind of file, `missing` replaces the not-found text)."""

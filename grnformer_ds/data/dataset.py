@@ -460,10 +460,15 @@ class StatefulCellLoader:
             return
         plan = self.dataset.plan()
         receiver = BatchReceiver(pin_memory=self.pin_memory)
-        for out in self.loader:
-            self.dataset._advance()
-            self.one_off_batches += out.slot < 0
-            yield receiver.unpack(out)
+        try:
+            for out in self.loader:
+                self.dataset._advance()
+                self.one_off_batches += out.slot < 0
+                yield receiver.unpack(out)
+        except UserInputError as exc:  # e.g. a damaged shard, found by a worker: its one line, not its traceback
+            from ..errors import from_worker
+
+            raise from_worker(exc) from None
         self.dataset._end_epoch(plan)
 
     def set_epoch(self, epoch: int) -> None:

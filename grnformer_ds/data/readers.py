@@ -112,9 +112,24 @@ class ShardReader:
         return (self.path / "obsm" / "active_regulons" / "zarr.json").exists()
 
     def read_rows(self, r0: int, r1: int, with_active: bool) -> CellRows:
-        """Rows ``[r0, r1)`` of this shard."""
+        """Rows ``[r0, r1)`` of this shard. A missing or corrupted chunk is a `StoreDamagedError` naming the shard
+        and the cells (`store.integrity`)."""
+        from ..store.integrity import damaged
+
+        try:
+            return self._read_rows(r0, r1, with_active)
+        except UserInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (tensorstore / zarr decode and I/O errors)
+            raise damaged(self.path, (self.cell_offset + r0, self.cell_offset + r1), exc) from None
+
+    def _read_rows(self, r0: int, r1: int, with_active: bool) -> CellRows:
+        from ..store.integrity import check_chunks
+
         self._ensure_open()
         lo, hi = int(self.indptr[r0]), int(self.indptr[r1])
+        for rel in ("X/indices", "X/data"):  # zarr reads a missing chunk file as zeros: refuse instead
+            check_chunks(self.path / rel, lo, hi)
         active = None
         if with_active:
             if self._active is None:

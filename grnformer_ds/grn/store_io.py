@@ -6,6 +6,7 @@ X of a shard is anndata's `csr_matrix` encoding (docs/design.md section 1); a bl
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -86,13 +87,22 @@ class ShardRows:
 
         xg = zarr.open_group(self.path, mode="r")["X"]
         indptr = np.asarray(xg["indptr"][self.start:self.stop + 1], dtype=np.int64)
-        return _rows_from(xg, indptr, self.n_genes)
+        return _rows_from(xg, indptr, self.n_genes, self.path, self.start)
 
 
-def _rows_from(xg, indptr: np.ndarray, n_genes: int) -> sp.csr_matrix:
+def _rows_from(xg, indptr: np.ndarray, n_genes: int, shard: str, row0: int) -> sp.csr_matrix:
+    """Rows of X as CSR; a missing or corrupted chunk is a `StoreDamagedError` naming the shard and its rows
+    [row0, row0 + n) (`store.integrity`)."""
+    from grnformer_ds.store.integrity import check_chunks, damaged
+
     lo, hi = int(indptr[0]), int(indptr[-1])
-    data = np.asarray(xg["data"][lo:hi], dtype=np.float32) if hi > lo else np.zeros(0, np.float32)
-    indices = np.asarray(xg["indices"][lo:hi], dtype=np.int32) if hi > lo else np.zeros(0, np.int32)
+    try:
+        for name in ("indices", "data"):
+            check_chunks(os.path.join(shard, "X", name), lo, hi)
+        data = np.asarray(xg["data"][lo:hi], dtype=np.float32) if hi > lo else np.zeros(0, np.float32)
+        indices = np.asarray(xg["indices"][lo:hi], dtype=np.int32) if hi > lo else np.zeros(0, np.int32)
+    except Exception as exc:  # noqa: BLE001  (zarr decode / I/O errors)
+        raise damaged(shard, (row0, row0 + len(indptr) - 1), exc, what="rows") from None
     return sp.csr_matrix((data, indices, indptr - lo), shape=(len(indptr) - 1, n_genes))
 
 
@@ -113,7 +123,7 @@ def iter_shard_blocks(shard_path: Path, block_size: int, n_genes: int) -> Iterat
     n = len(indptr) - 1
     for start in range(0, n, block_size):
         stop = min(n, start + block_size)
-        yield start, _rows_from(xg, indptr[start:stop + 1], n_genes)
+        yield start, _rows_from(xg, indptr[start:stop + 1], n_genes, str(shard_path), start)
 
 
 def sample_cells_by_type(view: StoreView, max_cells: int, *, seed: int = 0,
