@@ -77,7 +77,8 @@ def test_worker_embed_and_build_grn_give_one_line(demo_store, tmp_path, how):
                             str(tmp_path / "model"))
     for cmd in ([os.path.join(REPO, "launchers", "embed.py"), "--model", folder, "--data", store, "--out",
                  str(tmp_path / "cells.h5ad"), "--no-progress"],
-                [os.path.join(REPO, "data_prep", "build_grn.py"), "--store", store, "--demo", "--quiet", "--overwrite"]):
+                [os.path.join(REPO, "data_prep", "build_grn.py"), "--store", store, "--demo", "--quiet",
+                 "--overwrite"]):
         p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=str(tmp_path),
                            timeout=300)
         err = p.stderr.strip().splitlines()
