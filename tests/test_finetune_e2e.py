@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from launch_helpers import free_port, launch_env  # tests/ is on sys.path (pytest rootdir import)
 
 pytestmark = pytest.mark.e2e
 
@@ -23,19 +23,12 @@ ZERO2 = os.path.join(REPO, "ds_configs", "zero2.json")
 torch.set_num_threads(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(args, ranks=1, launcher=True, check=True, timeout=300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = launch_env()
     if launcher:
         ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [ds, "--master_port", str(_free_port())] + (["--num_gpus", str(ranks)] if ranks > 1 else [])
+        cmd = [ds, "--master_port", str(free_port())] + (["--num_gpus", str(ranks)] if ranks > 1 else [])
     else:
         cmd = [sys.executable]
     p = subprocess.run(cmd + [FINETUNE, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from launch_helpers import free_port, launch_env  # tests/ is on sys.path (pytest rootdir import)
 
 pytestmark = pytest.mark.e2e
 
@@ -23,24 +23,14 @@ COMMON = ["--deepspeed_config", ZERO3, "--max-steps", str(STEPS), "--eval-every"
           "--lr", "5e-3", "--no-progress", "--mlflow-tracking-uri", "none", "--no-export"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _cmd(args, ranks: int) -> list[str]:
     if ranks == 1:
         return [sys.executable, PRETRAIN, *args]
     ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [ds, "--master_port", str(_free_port()), "--num_gpus", str(ranks), PRETRAIN, *args]
+    return [ds, "--master_port", str(free_port()), "--num_gpus", str(ranks), PRETRAIN, *args]
 
 
 def _metrics(out) -> list[dict]:
@@ -64,7 +54,7 @@ def demo_cache(tmp_path_factory):
 def uninterrupted(demo_cache, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("preempt") / "full")
     p = subprocess.run(_cmd([*COMMON, "--demo-cache-dir", demo_cache, "--output-dir", out], 1), cwd=REPO,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+                       env=launch_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return _metrics(out)
 
@@ -73,7 +63,7 @@ def uninterrupted(demo_cache, tmp_path_factory):
 def test_signal_stops_with_a_checkpoint_and_resume_is_exact(demo_cache, uninterrupted, tmp_path, ranks, sig):
     out = str(tmp_path / "run")
     args = [*COMMON, "--demo-cache-dir", demo_cache, "--output-dir", out]
-    proc = subprocess.Popen(_cmd(args, ranks), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(args, ranks), cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(_metrics(out)) < 5 and proc.poll() is None:
@@ -100,7 +90,7 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_exact(demo_cache, uninterr
     assert len(ckpt.complete_tags(root)) == 1  # the preemption checkpoint, nothing half-written beside it
     assert [m["step"] for m in _metrics(out)] == list(range(1, stopped + 1))
 
-    p = subprocess.run(_cmd([*args, "--resume"], ranks), cwd=REPO, env=_env(), capture_output=True, text=True,
+    p = subprocess.run(_cmd([*args, "--resume"], ranks), cwd=REPO, env=launch_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"at step {stopped}" in p.stdout, p.stdout[-2000:]

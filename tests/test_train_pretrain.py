@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from launch_helpers import free_port, launch_env  # tests/ is on sys.path (pytest rootdir import)
 
 pytestmark = pytest.mark.e2e  # the DeepSpeed launcher, MLflow, subprocesses
 
@@ -27,30 +27,19 @@ STEPS = 30  # the reference run: checkpoints and evaluations at 15 and 30
 COMMON = ["--max-steps", str(STEPS), "--save-every", "15", "--eval-every", "15", "--lr", "5e-3", "--no-progress"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by in-process engine tests
-        env.pop(k, None)
-    env.update(extra)
-    return env
 
 
 def _cmd(args, ranks: int | None = 1, launcher: bool = True) -> list[str]:
     if not launcher:
         return [sys.executable, PRETRAIN, *args]
     ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    head = [ds, "--master_port", str(_free_port())] + (["--num_gpus", str(ranks)] if ranks and ranks > 1 else [])
+    head = [ds, "--master_port", str(free_port())] + (["--num_gpus", str(ranks)] if ranks and ranks > 1 else [])
     return head + [PRETRAIN, *args]
 
 
 def _run(args, ranks=1, launcher=True, timeout=240, env=None) -> subprocess.CompletedProcess:
-    p = subprocess.run(_cmd(args, ranks, launcher), cwd=REPO, env=env or _env(), capture_output=True, text=True,
+    p = subprocess.run(_cmd(args, ranks, launcher), cwd=REPO, env=env or launch_env(), capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
@@ -75,11 +64,11 @@ def demo_cache(tmp_path_factory):
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (random free port), killed (process group) at the end."""
     d = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
     proc = subprocess.Popen([exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination",
-                             str(d / "artifacts")], env=_env(), cwd=str(d), stdout=subprocess.DEVNULL,
+                             str(d / "artifacts")], env=launch_env(), cwd=str(d), stdout=subprocess.DEVNULL,
                             stderr=open(d / "server.log", "w"), start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     import urllib.request
@@ -170,7 +159,7 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(reference_run, demo_
     ref_out, _ = reference_run
     out = str(tmp_path / "run")
     args = ["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out, *COMMON]
-    proc = subprocess.Popen(_cmd(args, launcher=False), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(args, launcher=False), cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     latest = os.path.join(out, "checkpoints", "latest")
     deadline = time.time() + 180
@@ -283,7 +272,7 @@ def test_export_reloads_offline_in_a_fresh_process_with_identical_outputs(refere
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('grnformer_ds must not be needed to load the export')\n")
     (tmp_path / "reload.py").write_text(_RELOAD)
-    env = _env(PYTHONPATH=str(tmp_path / "fake"), HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+    env = launch_env(PYTHONPATH=str(tmp_path / "fake"), HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     p = subprocess.run([sys.executable, str(tmp_path / "reload.py"), hf, str(tmp_path / "batch.pt"),
                         str(tmp_path / "got.pt")], cwd=str(tmp_path), env=env, capture_output=True, text=True,
@@ -300,7 +289,7 @@ def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_p
     """2 CPU ranks via `deepspeed --num_gpus 2`; launchers/export_hf.py consolidates the world-size-2 ZeRO-3
     checkpoint; the exported model's held-out loss equals the run's own final eval loss (bf16 run, fp32 export)."""
     out = str(tmp_path / "run")
-    env = _env()
+    env = launch_env()
     del env["OMP_NUM_THREADS"]  # the thread default of CPU ranks: the cores shared by the node's two ranks
     p = _run(["--deepspeed_config", CFG["zero3"], "--demo-cache-dir", demo_cache, "--output-dir", out,
               "--max-steps", "6", "--eval-every", "6", "--save-every", "6", "--no-progress", "--no-export",
@@ -322,7 +311,7 @@ def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_p
     assert 6 * 2 * 9 <= state["cells_seen"] <= 6 * 2 * 14
     hf = str(tmp_path / "hf")
     e = subprocess.run([sys.executable, os.path.join(REPO, "launchers", "export_hf.py"), "--checkpoint", out,
-                        "--out", hf], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                        "--out", hf], cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert e.returncode == 0 and "exported to" in e.stdout, e.stderr[-2000:]
     from transformers import AutoModelForMaskedLM
 
@@ -430,17 +419,17 @@ def test_a_plugin_backbone_runs_through_the_card_command_and_reloads(demo_cache,
               "m = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
               "print(type(m.grnformer.backbone_spec).__module__, m.config.cell_embedding_pooling)\n")
     r = subprocess.run([sys.executable, "-c", reload, os.path.join(out, "hf_model")], cwd=str(tmp_path),
-                       env=_env(PYTHONPATH=f"{tmp_path}:{REPO}", HF_MODULES_CACHE=str(tmp_path / "hf_modules")),
+                       env=launch_env(PYTHONPATH=f"{tmp_path}:{REPO}", HF_MODULES_CACHE=str(tmp_path / "hf_modules")),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split()[-2:] == ["toy_backbone", "mean"], r.stderr[-2000:]
     export = [sys.executable, os.path.join(REPO, "launchers", "export_hf.py"), "--checkpoint", out, "--out",
               str(tmp_path / "exp")]
-    e = subprocess.run(export, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    e = subprocess.run(export, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert e.returncode == 2 and "toy_backbone" in e.stderr and len(e.stderr.splitlines()) == 1, e.stderr
-    e = subprocess.run(export + ["--plugin", str(plugin)], cwd=REPO, env=_env(), capture_output=True, text=True,
+    e = subprocess.run(export + ["--plugin", str(plugin)], cwd=REPO, env=launch_env(), capture_output=True, text=True,
                        timeout=120)
     assert e.returncode == 0 and "exported to" in e.stdout, e.stderr[-2000:]
-    bad = subprocess.run(_cmd(["--plugin", str(tmp_path / "missing.py")], launcher=False), cwd=REPO, env=_env(),
+    bad = subprocess.run(_cmd(["--plugin", str(tmp_path / "missing.py")], launcher=False), cwd=REPO, env=launch_env(),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "plug-in file not found" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
@@ -594,7 +583,7 @@ def test_init_from_an_scfoundation_import_with_its_own_store(demo_cache, tmp_pat
 def test_bad_config_file_is_one_line_and_exit_2(tmp_path):
     cfg = _bad(tmp_path, "ds.json", '{"zero_optimization": {"stage": 3,}}')
     p = subprocess.run(_cmd(["--deepspeed_config", cfg, "--output-dir", str(tmp_path / "run")], launcher=False),
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                       cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: invalid JSON at line 1 column "), p.stderr

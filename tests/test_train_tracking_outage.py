@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from launch_helpers import free_port, launch_env  # tests/ is on sys.path (pytest rootdir import)
 
 pytestmark = pytest.mark.e2e
 
@@ -21,19 +21,11 @@ ZERO3 = os.path.join(REPO, "ds_configs", "zero3.json")
 STEPS = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true",
-               GRNFORMER_DS_MLFLOW_RETRY="1", GRNFORMER_DS_MLFLOW_FLUSH_TIMEOUT="120")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
+    return launch_env(GRNFORMER_DS_MLFLOW_RETRY="1", GRNFORMER_DS_MLFLOW_FLUSH_TIMEOUT="120", **extra)
+
+
 
 
 class Server:
@@ -110,7 +102,7 @@ def _logged_steps(uri):
 
 @pytest.mark.parametrize("when", ["mid-run", "at-start"])
 def test_training_survives_a_tracking_outage_and_mlflow_gets_every_step(demo_cache, tmp_path, when):
-    server = Server(tmp_path, _free_port())
+    server = Server(tmp_path, free_port())
     if when == "mid-run":
         server.start()
     out = str(tmp_path / "run")

@@ -19,7 +19,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 def task_names(fine_tuning_only: bool = False) -> list[str]:
     _load_builtin()
-    return [n for n in _TASKS if not (fine_tuning_only and n == "pretrain")]
+    return [n for n, cls in _TASKS.items() if cls.fine_tunes or not fine_tuning_only]
 
 
 def get_task(name: str) -> Task:

@@ -34,6 +34,8 @@ class Task:
     model_class: ClassVar[str]  # a class of grnformer_ds.modeling (its Auto class comes with it)
     head_prefixes: ClassVar[tuple[str, ...]] = ()  # parameters a pretrained folder does not hold (the task head)
     early_stopping: ClassVar[tuple[str, str] | None] = None  # (metric, "max" | "min") on the validation split
+    # True: starts from a pretrained folder (--model), schedules in epochs (launchers/finetune.py); False: pretraining
+    fine_tunes: ClassVar[bool] = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The task's own command-line options (launchers/finetune.py)."""

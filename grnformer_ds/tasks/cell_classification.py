@@ -144,20 +144,27 @@ class CellTypeClassification(Task):
         config.label2id = {c: i for i, c in enumerate(classes)}
         config.problem_type = "single_label_classification"
 
+    def samples(self, run: RunContext, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(store positions of the split's samples, their targets, per-sample model inputs): here each labelled
+        cell once, its class."""
+        cells = run.state["splits"][split]
+        return cells, run.state["labels"].codes[cells], {}
+
     def _dataset(self, run: RunContext, split: str):
+        """The split's samples through the pretraining loader: whole cells (no masking); held-out ones tokenized by
+        their own generator (`data.cell_random`), so a prediction does not depend on the batching or the number of
+        ranks (the exported model reproduces the test metrics)."""
         from grnformer_ds.data import StreamingCellDataset
         from grnformer_ds.training.integration import dataset_kwargs
 
         kw = dataset_kwargs(run.config, run.settings, run.resolved, run.info, run.args)
         kw.pop("eval_fraction", None)
-        kw["mask_ratio"] = 0.0  # fine-tuning sees whole cells
+        kw["mask_ratio"] = 0.0
+        cells, targets, inputs = self.samples(run, split)
         training = split == "train"
-        # held-out cells: tokenized by their own generator (`data.cell_random`), so a prediction does not depend on
-        # the batching or the number of ranks (the exported model reproduces the test metrics)
-        cells = run.state["splits"][split]
-        return StreamingCellDataset(run.store_path, split="all", cells=cells,
-                                    sample_labels=run.state["labels"].codes[cells], training=training,
-                                    shuffle=training, drop_last=training, cell_keyed_random=not training, **kw)
+        return StreamingCellDataset(run.store_path, split="all", cells=cells, sample_labels=targets,
+                                    sample_inputs=inputs, training=training, shuffle=training, drop_last=training,
+                                    cell_keyed_random=not training, **kw)
 
     def datasets(self, run: RunContext):
         from grnformer_ds.data import StatefulCellLoader

@@ -132,20 +132,12 @@ class DrugResponse(CellTypeClassification):
         config.problem_type = "regression"
         config.condition_feature_size = int(run.state["fingerprints"].shape[1])
 
-    def _dataset(self, run: RunContext, split: str):
-        from grnformer_ds.data import StreamingCellDataset
-        from grnformer_ds.training.integration import dataset_kwargs
-
-        kw = dataset_kwargs(run.config, run.settings, run.resolved, run.info, run.args)
-        kw.pop("eval_fraction", None)
-        kw["mask_ratio"] = 0.0
-        pairs = run.state["splits"][split]
-        training = split == "train"
-        return StreamingCellDataset(
-            run.store_path, split="all", cells=run.state["cells"][pairs],
-            sample_labels=run.state["pair_labels"][pairs],
-            sample_inputs={"condition_features": run.state["fingerprints"][run.state["drug_of_pair"][pairs]]},
-            training=training, shuffle=training, drop_last=training, cell_keyed_random=not training, **kw)
+    def samples(self, run: RunContext, split: str):
+        """One sample per (cell line, drug) pair: the cell line's store position, ln IC50, the drug's fingerprint."""
+        s = run.state
+        pairs = s["splits"][split]
+        return s["cells"][pairs], s["pair_labels"][pairs], {
+            "condition_features": s["fingerprints"][s["drug_of_pair"][pairs]]}
 
     def score(self, run: RunContext, split: str, dataset) -> dict[str, float]:
         samples, predictions = predict(run.engine, dataset, run.engine.device)

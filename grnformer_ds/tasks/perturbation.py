@@ -148,12 +148,14 @@ class Perturbation(CellTypeClassification):
         for c in perturbations:
             ids = [vocab[g] for g in condition_genes(c)]
             gene_ids[np.ix_(labels.codes == code[c], np.arange(len(ids)))] = ids
+        target_row = np.full(len(labels.codes), -1, dtype=np.int64)  # store position -> row of `targets`
+        target_row[pert_cells] = np.arange(len(pert_cells))
         expression = read_expression(run.store_path, np.concatenate([controls, pert_cells]))
         names = np.array(labels.classes, dtype=object)[labels.codes[np.concatenate([controls, pert_cells])]]
         run.state.update(
             labels=labels, splits=splits, groups=groups, control_of=control_of, gene_ids=gene_ids,
             control_mean=expression[:len(controls)].mean(0),
-            target_row={int(p): i for i, p in enumerate(pert_cells)}, targets=expression[len(controls):],
+            target_row=target_row, targets=expression[len(controls):],
             de=de_genes(expression, names.astype(str), a.de_genes))
         sizes = ", ".join(f"{k} {len(v)} ({len(splits[k]):,} cells)" for k, v in groups.items())
         run.say(f"perturbations: {len(perturbations)} ({sizes}); {len(controls):,} control cells; targets over "
@@ -174,21 +176,12 @@ class Perturbation(CellTypeClassification):
         config.problem_type = "regression"
         config.condition_genes = True
 
-    def _dataset(self, run: RunContext, split: str):
-        from grnformer_ds.data import StreamingCellDataset
-        from grnformer_ds.training.integration import dataset_kwargs
-
+    def samples(self, run: RunContext, split: str):
+        """One sample per perturbed cell: its control cell's store position, its own expression, its genes."""
         s = run.state
-        kw = dataset_kwargs(run.config, run.settings, run.resolved, run.info, run.args)
-        kw.pop("eval_fraction", None)
-        kw["mask_ratio"] = 0.0
         cells = s["splits"][split]
-        rows = np.array([s["target_row"][int(c)] for c in cells], dtype=np.int64)
-        training = split == "train"
-        return StreamingCellDataset(
-            run.store_path, split="all", cells=s["control_of"][cells], sample_labels=s["targets"][rows],
-            sample_inputs={"condition_gene_ids": s["gene_ids"][cells]}, training=training, shuffle=training,
-            drop_last=training, cell_keyed_random=not training, **kw)
+        return s["control_of"][cells], s["targets"][s["target_row"][cells]], {
+            "condition_gene_ids": s["gene_ids"][cells]}
 
     def score(self, run: RunContext, split: str, dataset) -> dict[str, float]:
         s = run.state

@@ -11,6 +11,7 @@ class MaskedValuePretraining(Task):
     name = "pretrain"
     description = "masked expression values (the backbone's pretraining head)"
     model_class = "GRNFormerForMaskedLM"
+    fine_tunes = False
 
     def datasets(self, run: RunContext):
         from grnformer_ds.training import integration as I

@@ -175,7 +175,7 @@ def run_task(args: Namespace, task) -> int:
         # CPU runs share their cores with the model; on GPU the loader must keep up, so use worker processes.
         per_rank = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
         args.num_workers = min(4, max(0, per_rank - 1)) if torch.cuda.is_available() else 0
-    fine_tuning = task.name != "pretrain"
+    fine_tuning = task.fine_tunes
     if fine_tuning:  # the model to fine-tune is a pretrained folder, as --init-from is for pretraining
         args.init_from, args.model_preset, args.config, args.backbone = args.model, None, None, None
     settings = settings_from_args(args, fine_tuning)
