@@ -99,3 +99,62 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_exact(demo_cache, uninterr
     if ranks == 1:  # the same run as the uninterrupted one, step for step
         for a, b in zip(got, ref):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["data_digest"] == b["data_digest"]
+
+
+PAUSING_SAVE = '''
+import os, runpy, sys, time
+from grnformer_ds.training import checkpoint as ckpt
+
+write = ckpt.atomic_write_text
+
+def paused(path, text):  # a save after step PAUSE_AFTER stops just before its COMPLETE marker, for a kill -9
+    tag = os.path.basename(os.path.dirname(path))
+    if path.endswith(ckpt.COMPLETE) and int(tag.replace("global_step", "")) > int(os.environ["PAUSE_AFTER"]):
+        open(os.environ["PAUSE_MARK"], "w").close()
+        time.sleep(120)
+    return write(path, text)
+
+ckpt.atomic_write_text = paused
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_kill_during_the_preemption_save_leaves_the_previous_checkpoint_latest(demo_cache, uninterrupted, tmp_path):
+    """SIGTERM, then (while the checkpoint it asked for is being written) SIGTERM again and SIGKILL: the half-written
+    checkpoint never becomes latest, the previous one is, and --resume from it is exact."""
+    from grnformer_ds.training import checkpoint as ckpt
+
+    out, mark = str(tmp_path / "run"), str(tmp_path / "in_save")
+    wrapper = tmp_path / "pausing_save.py"
+    wrapper.write_text(PAUSING_SAVE)
+    args = [*COMMON, "--demo-cache-dir", demo_cache, "--output-dir", out]
+    args[args.index("--save-every") + 1] = "4"
+    proc = subprocess.Popen([sys.executable, str(wrapper), PRETRAIN, *args], cwd=REPO,
+                            env=launch_env(PAUSE_AFTER="4", PAUSE_MARK=mark), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_metrics(out)) < 6 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    while time.time() < deadline and not os.path.exists(mark) and proc.poll() is None:
+        time.sleep(0.1)
+    assert os.path.exists(mark), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)  # noted and ignored: the save goes on
+    time.sleep(0.5)
+    assert proc.poll() is None
+    proc.kill()
+    output, _ = proc.communicate(timeout=60)
+    assert "SIGTERM again" in output, output[-3000:]
+    root = os.path.join(out, "checkpoints")
+    assert ckpt.find_latest(root) == "global_step4"
+    half = [t for t in os.listdir(root) if t.startswith("global_step") and t != "global_step4"]
+    assert half and not any(ckpt.is_complete(root, t) for t in half)  # everything but its COMPLETE marker
+    p = subprocess.run([sys.executable, PRETRAIN, *args, "--resume"], cwd=REPO, env=launch_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "at step 4" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    got = _metrics(out)
+    assert [m["step"] for m in got] == [m["step"] for m in uninterrupted]
+    for a, b in zip(got, uninterrupted):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["data_digest"] == b["data_digest"]

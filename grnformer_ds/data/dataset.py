@@ -14,6 +14,7 @@ from ..errors import UserInputError
 from .cell_random import CellKeyedRandom
 from .cells import CellRows
 from .collators import get_collator
+from .elastic import RemainderPlan, resumed_plan
 from .graphs import GraphBuilder
 from .packing import PackedEpochPlan
 from .readers import StoreReader
@@ -206,6 +207,7 @@ class StreamingCellDataset(IterableDataset):
         self.graph_builder = self._graph_builder(graphs)
         self.epoch = 0
         self._consumed = 0  # batches of `self.epoch` already handed out
+        self._segments: list[tuple[int, int]] = []  # earlier parts of this epoch on other rank counts (`elastic`)
         self._managed = False  # set by StatefulCellLoader, which keeps `_consumed` current for worker processes
         self._ring_slots = 4  # shared-memory slots per worker (`worker_transport`), set by StatefulCellLoader
         self._cache: OrderedDict[int, CellRows] = OrderedDict()
@@ -248,39 +250,58 @@ class StreamingCellDataset(IterableDataset):
     def graphs(self) -> bool:
         return self.graph_builder is not None
 
-    def plan(self, epoch: int | None = None) -> EpochPlan | PackedEpochPlan:
+    def plan(self, epoch: int | None = None) -> EpochPlan | PackedEpochPlan | RemainderPlan:
         """The batches of an epoch on this rank (an evaluation dataset always uses epoch 0). Kept for the two most
-        recent epochs: a packed plan packs the whole epoch's token counts once."""
+        recent epochs: a packed plan packs the whole epoch's token counts once. The epoch in progress after a resume
+        on another number of ranks is the rest of that epoch (`elastic.RemainderPlan`)."""
         epoch = (self.epoch if epoch is None else epoch) if self.training else 0
-        plan = self._plans.get(epoch)
+        key = (epoch, tuple(self._segments)) if self._segments and epoch == self.epoch else epoch
+        plan = self._plans.get(key)
         if plan is None:
-            common = dict(seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
-                          block_size=self.block_size, buffer_blocks=self.buffer_blocks, shuffle=self.shuffle,
-                          drop_last=self.drop_last, lanes=self.lanes)
-            if self.packed:
-                plan = PackedEpochPlan(self.lo, self.hi, tokens=self._cell_tokens, max_tokens=self.max_tokens,
-                                       **common)
+            if key == epoch:
+                plan = self._base_plan(epoch, self.rank, self.world_size)
             else:
-                plan = EpochPlan(self.lo, self.hi, batch_size=self.batch_size, **common)
-            self._plans[epoch] = plan
+                batching = dict(lo=self.lo, block_size=self.block_size, lanes=self.lanes)
+                if self.packed:
+                    batching.update(tokens=self._cell_tokens, max_tokens=self.max_tokens)
+                else:
+                    batching.update(batch_size=self.batch_size)
+                plan = resumed_plan(self._base_plan(epoch, 0, self._segments[0][0]), self._segments,
+                                    rank=self.rank, world_size=self.world_size, **batching)
+            self._plans[key] = plan
             while len(self._plans) > 2:
                 self._plans.popitem(last=False)
         return plan
 
+    def _base_plan(self, epoch: int, rank: int, world_size: int) -> EpochPlan | PackedEpochPlan:
+        common = dict(seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, block_size=self.block_size,
+                      buffer_blocks=self.buffer_blocks, shuffle=self.shuffle, drop_last=self.drop_last,
+                      lanes=self.lanes)
+        if self.packed:
+            return PackedEpochPlan(self.lo, self.hi, tokens=self._cell_tokens, max_tokens=self.max_tokens, **common)
+        return EpochPlan(self.lo, self.hi, batch_size=self.batch_size, **common)
+
     def __len__(self) -> int:
-        """Batches per epoch on every rank."""
+        """Batches per epoch on every rank (of an ordinary epoch: the rest of one resumed on another number of ranks
+        has its own count)."""
+        if self._segments and self.epoch == 0:
+            return self._base_plan(0, self.rank, self.world_size).n_steps
         return self.plan(0).n_steps
 
     # ------------------------------------------------------------------ state
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` (keeps the position when it is the epoch already in progress, e.g. after resume)."""
         if int(epoch) != self.epoch:
-            self.epoch, self._consumed = int(epoch), 0
+            self.epoch, self._consumed, self._segments = int(epoch), 0, []
 
     def state_dict(self) -> dict[str, Any]:
+        """The data position: ``epoch``, ``batches_consumed`` (per rank, of this epoch, on ``world_size`` ranks) and
+        ``earlier_segments``: [world size, batches] of each part of this epoch that ran on another number of ranks
+        (`elastic`); plus what the batches depend on (checked by `load_state_dict`)."""
         return {"epoch": self.epoch, "batches_consumed": self._consumed, "seed": self.seed,
                 "batch_size": self.batch_size, "max_tokens": self.max_tokens, "world_size": self.world_size,
                 "rank": self.rank, "split": self.split, "split_range": [self.lo, self.hi], "backbone": self.backbone,
+                "earlier_segments": [list(seg) for seg in self._segments],
                 **({} if self.subset is None else {"cells_sha1": self._subset_digest()})}
 
     def _subset_digest(self) -> str:
@@ -289,7 +310,10 @@ class StreamingCellDataset(IterableDataset):
         return hashlib.sha1(self.subset.tobytes() + self.sample_ids.tobytes()).hexdigest()[:16]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "batch_size", "max_tokens", "world_size", "split"):
+        """Continue from a `state_dict`: exactly when it was written on as many ranks as this dataset has; on another
+        number of ranks the rest of its epoch is shared out over this one's (`elastic`: no cell of the epoch
+        repeated or skipped), and the epochs after it are ordinary ones."""
+        for key in ("seed", "batch_size", "max_tokens", "split"):
             if key in state and state[key] != getattr(self, key):
                 raise UserInputError(f"cannot resume data position: checkpoint has {key}={state[key]!r}, this "
                                      f"dataset {key}={getattr(self, key)!r} (batches would differ)")
@@ -298,14 +322,19 @@ class StreamingCellDataset(IterableDataset):
                                  f"{[self.lo, self.hi]} (store or eval_fraction changed)")
         if self.subset is not None and state.get("cells_sha1", self._subset_digest()) != self._subset_digest():
             raise UserInputError("cannot resume data position: the split's cells changed")
-        self.epoch, self._consumed = int(state["epoch"]), int(state["batches_consumed"])
+        segments = [(int(w), int(k)) for w, k in state.get("earlier_segments", [])]
+        world, consumed = int(state.get("world_size", self.world_size)), int(state["batches_consumed"])
+        if world != self.world_size and self.training:
+            segments, consumed = segments + [(world, consumed)], 0
+        self.epoch, self._consumed, self._segments = int(state["epoch"]), consumed, segments
+        self._plans.clear()
 
     def _advance(self, n: int = 1) -> None:
         self._consumed += n
 
     def _end_epoch(self, plan: EpochPlan) -> None:
         if self.training and self._consumed >= plan.n_steps:
-            self.epoch, self._consumed = self.epoch + 1, 0
+            self.epoch, self._consumed, self._segments = self.epoch + 1, 0, []
         elif not self.training:
             self._consumed = 0
 

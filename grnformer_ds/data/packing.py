@@ -29,6 +29,8 @@ of cells of ~1,000-1,200 tokens into budgets of 16-20k tokens leaves ~0.3-1 % of
 """
 from __future__ import annotations
 
+import copy
+
 import numba
 import numpy as np
 
@@ -131,6 +133,7 @@ class PackedEpochPlan(CellOrder):
         totals = [int(c[-1]) for c in counts]
         self.rank_steps = totals  # micro-batches each rank's section packs into, before equalising
         self.n_steps = (min(totals) if drop_last else max(totals)) if self.section else 0
+        self._rank_chunk_ptr = counts
         self._chunk_ptr = counts[self.rank]
         self.lanes, self._lane_start = lane_starts(self.n_steps, lanes)
         self._cache_size = 2 * self.lanes + 2
@@ -167,6 +170,15 @@ class PackedEpochPlan(CellOrder):
 
     def global_batch(self, step: int) -> int:
         return step * self.world_size + self.rank
+
+    def for_rank(self, rank: int) -> "PackedEpochPlan":
+        """The same epoch's plan seen from another rank (no repacking: every rank's counts are known)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={self.world_size})")
+        other = copy.copy(self)
+        other.rank, other._chunk_ptr = int(rank), self._rank_chunk_ptr[rank]
+        other._cache, other._packed = {}, {}
+        return other
 
 
 def padding_fraction(plan: PackedEpochPlan) -> float:

@@ -25,6 +25,8 @@ makes resuming from (epoch, batches consumed) exact.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 _BLOCKS, _BUFFER, _BATCH = 0, 1, 2  # stream tags in the seed sequences
@@ -131,3 +133,11 @@ class EpochPlan(CellOrder):
 
     def global_batch(self, step: int) -> int:
         return step * self.world_size + self.rank
+
+    def for_rank(self, rank: int) -> "EpochPlan":
+        """The same epoch's plan seen from another rank (shares the order; `elastic` reads every rank's batches)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={self.world_size})")
+        other = copy.copy(self)
+        other.rank, other._cache = int(rank), {}
+        return other

@@ -9,8 +9,16 @@ Layout under `<output_dir>/checkpoints/`:
       trainer_state.json    step, counters, MLflow run id, world size (rank 0)
       COMPLETE              written last, after every rank finished and the weights were checked finite
 
+    universal/global_step100/  DeepSpeed's universal form of that checkpoint (`ds_to_universal`), made when a run
+                            resumes from it on another number of ranks; removed with its tag
+
 A save killed at any moment leaves a tag without COMPLETE, which is never pointed to by `latest` and is removed by
 the next save; `find_latest` ignores it. A model with non-finite weights is never saved.
+
+Resuming on the number of ranks that wrote the checkpoint loads DeepSpeed's own files (exact). On another number
+(`load_checkpoint(..., universal=True)`), ZeRO's optimizer partitions no longer fit: rank 0 converts the tag once
+with DeepSpeed's `ds_to_universal` (every parameter's fp32 weights and Adam moments, whole), and every rank loads
+its new partition from that (`"checkpoint": {"load_universal": true}`, for that load only).
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from grnformer_ds.training.guards import params_are_finite
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"
 TRAINER_STATE = "trainer_state.json"
 _TAG_RE = re.compile(r"^global_step(\d+)$")
 
@@ -92,6 +101,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed python, numpy and torch (CPU and every GPU) from (seed, step, rank): the RNG of a rank that has no saved
+    state to continue (a resume on another number of ranks)."""
+    value = int(np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
 def is_complete(ckpt_root: str, tag: str) -> bool:
     return os.path.isfile(os.path.join(ckpt_root, tag, COMPLETE))
 
@@ -123,6 +141,9 @@ def _prune(ckpt_root: str, keep_last: int, current: str, protect: tuple[str, ...
     for name in os.listdir(ckpt_root):
         if _TAG_RE.match(name) and name not in keep:
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+    universal = os.path.join(ckpt_root, UNIVERSAL)
+    if os.path.isdir(universal):  # a conversion serves the resume from its tag only: the new run saved since
+        shutil.rmtree(universal, ignore_errors=True)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -226,19 +247,106 @@ def load_weights(engine, ckpt_root: str, tag: str) -> None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_root, tag)}")
 
 
-def load_checkpoint(engine, ckpt_root: str, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def universal_checkpoint(ckpt_root: str, tag: str) -> str:
+    """The folder holding DeepSpeed's universal form of checkpoint `tag` (all ranks call this): rank 0 converts it
+    once (`deepspeed.checkpoint.ds_to_universal`, into `<ckpt_root>/universal/<tag>`, COMPLETE written last) while
+    the others wait; a conversion that fails on rank 0 fails every rank with its one line."""
+    root = os.path.join(ckpt_root, UNIVERSAL)
+    out = os.path.join(root, tag)
+
+    def convert():
+        if _rank() != 0 or is_complete(root, tag):
+            return
+        import argparse
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)  # a conversion killed part-way
+        os.makedirs(root, exist_ok=True)
+        args = argparse.Namespace(input_folder=os.path.join(ckpt_root, tag), output_folder=out,
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # only the format version: no tensor parallelism here
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(args)  # its progress bars and prints: not the run's output
+        atomic_write_text(os.path.join(out, COMPLETE), tag + "\n")
+
+    failure = None
+    try:
+        convert()
+    except Exception as exc:  # noqa: BLE001  (any failure of the conversion: every rank must learn of it)
+        failure = ("converting it to DeepSpeed's universal checkpoint", exc)
+    failure = _agree(failure)
+    if failure is not None:
+        where, exc = failure
+        raise RuntimeError(f"cannot resume {os.path.join(ckpt_root, tag)} on another number of ranks ({where}: "
+                           f"{type(exc).__name__}: {' '.join(str(exc).split())})")
+    return root
+
+
+def has_partitioned_optimizer(ckpt_root: str, tag: str) -> bool:
+    """Whether the tag's optimizer state is split over its ranks (ZeRO, or DeepSpeed's bf16 optimizer), i.e. whether
+    another number of ranks needs the universal form to load it."""
+    return any(name.endswith("optim_states.pt") for name in os.listdir(os.path.join(ckpt_root, tag)))
+
+
+def load_checkpoint(engine, ckpt_root: str, tag: str, universal: bool = False, same_ranks: bool = True
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load engine (weights, optimizer, LR scheduler) and return (trainer_state, this rank's rank_state).
+
+    ``universal``: the engine state comes from the tag's universal form (module docstring; needed when the
+    checkpoint was written by another number of ranks). ``same_ranks=False`` (another number of ranks): rank_state
+    is rank 0's (the data position, the same on every rank) without RNG states (those were per old rank).
 
     RNG states are NOT restored here: the caller restores them (`set_rng_state(rank_state["rng"])`) after it has
     rebuilt everything else, so that nothing built afterwards consumes random numbers out of order.
     """
-    load_path, _ = engine.load_checkpoint(ckpt_root, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    if universal and has_partitioned_optimizer(ckpt_root, tag):
+        load_path = _load_universal(engine, universal_checkpoint(ckpt_root, tag), tag)
+    else:
+        load_path, _ = engine.load_checkpoint(ckpt_root, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_root, tag)}")
     tag_dir = os.path.join(ckpt_root, tag)
     with open(os.path.join(tag_dir, TRAINER_STATE), encoding="utf-8") as fh:
         trainer_state = json.load(fh)
-    rank_file = os.path.join(tag_dir, f"rank_{_rank():05d}.pt")
+    rank_file = os.path.join(tag_dir, f"rank_{_rank() if same_ranks else 0:05d}.pt")
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    if not same_ranks:
+        rank_state.pop("rng", None)
     return trainer_state, rank_state
+
+
+def _load_universal(engine, load_dir: str, tag: str):
+    """`engine.load_checkpoint` from a universal checkpoint. DeepSpeed reads `load_universal` from the engine's
+    config at load time, so it is switched on for this load only (a later load, e.g. of the best checkpoint of a
+    fine-tune, reads the ordinary files). Its ZeRO-3 loader copies the first parameter group's hyper-parameters into
+    every group, which would put weight decay on the groups that have none (and group 0's LR on a group with its
+    own, `--new-params-lr`): they are put back."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        load_path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = before
+    # it also hands every parameter group's state the same `step` tensor, which torch's Adam increments in place:
+    # once per group and step, so the bias correction would drift; each state gets its own
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen: set[int] = set()
+    for state in inner.state.values():
+        for key, value in list(state.items()):
+            if torch.is_tensor(value):
+                if id(value) in seen:
+                    state[key] = value.clone()
+                seen.add(id(state[key]))
+    loaded_lr = engine.optimizer.param_groups[0].get("lr") if groups else None
+    for group, saved in zip(engine.optimizer.param_groups, groups):
+        group.update({k: v for k, v in saved.items() if k != "lr"})
+        if loaded_lr is not None and groups[0].get("lr"):  # the saved LR of group 0, in each group's own ratio
+            group["lr"] = loaded_lr * saved["lr"] / groups[0]["lr"]
+    return load_path

@@ -87,9 +87,17 @@ def add_run_args(p: argparse.ArgumentParser, fine_tuning: bool = False) -> None:
                        help="checkpoint every N steps (default: 50 demo / 500)")
     g.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep (2)")
     g.add_argument("--log-every", type=int, default=1, help="log metrics every N steps (1)")
+    g.add_argument("--log-cells", action="store_true",
+                   help="record which cells every micro-batch trained on: <output-dir>/cells/rank_XXXXX.jsonl, one "
+                        "line {step, epoch, cells (store positions)} per micro-batch and rank (an audit of the data "
+                        "order, e.g. across a resume)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint (a changed --max-steps/--lr/--warmup-steps/"
-                        "--min-lr-ratio continues the LR smoothly from where it was, with a note)")
+                        "--min-lr-ratio continues the LR smoothly from where it was, with a note); also on another "
+                        "number of ranks (docs/cluster.md)")
+    g.add_argument("--resume-universal", action="store_true",
+                   help="with --resume: load the checkpoint through DeepSpeed's universal form even on the number of "
+                        "ranks that wrote it (done by itself on another number of ranks)")
     g.add_argument("--overwrite-output-dir", action="store_true",
                    help="start over in an --output-dir that holds another run's checkpoints (deletes them)")
     g.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many NaN/Inf losses in a row (5)")

@@ -40,8 +40,10 @@ def settings_from_args(args: Namespace, fine_tuning: bool = False) -> RunSetting
         max_steps=args.max_steps or d["max_steps"], eval_every=args.eval_every or d["eval_every"],
         eval_batches=getattr(args, "eval_batches", 4), save_every=args.save_every or d["save_every"],
         keep_last=args.keep_last,
-        log_every=args.log_every, seed=args.seed, precision=args.precision, max_nonfinite=args.max_nonfinite,
-        resume=args.resume, num_workers=args.num_workers, export=not args.no_export, progress=not args.no_progress,
+        log_every=args.log_every, log_cells=bool(getattr(args, "log_cells", False)), seed=args.seed,
+        precision=args.precision, max_nonfinite=args.max_nonfinite,
+        resume=args.resume, resume_universal=bool(getattr(args, "resume_universal", False)),
+        num_workers=args.num_workers, export=not args.no_export, progress=not args.no_progress,
         compile=bool(getattr(args, "compile", False)), attn_implementation=getattr(args, "attn_implementation", None),
         mlflow_tracking_uri=args.mlflow_tracking_uri, experiment_name=args.experiment_name, run_name=args.run_name,
         init_from=getattr(args, "init_from", None), freeze_backbone=bool(getattr(args, "freeze_backbone", False)),
@@ -333,7 +335,8 @@ def run_task(args: Namespace, task) -> int:
                                                      "tokenization": I.tokenization_summary(train_batches.dataset),
                                                      "plugins": list(getattr(args, "plugin", None) or [])},
                                                     indent=1))
-        tracker.log_params({k: v for k, v in settings.to_flat_dict().items() if k != "resume"}, prefix="run.")
+        tracker.log_params({k: v for k, v in settings.to_flat_dict().items()
+                           if k not in ("resume", "resume_universal")}, prefix="run.")
         tracker.log_params(config.to_diff_dict(), prefix="model.")
         tracker.log_params({"preset": preset, "n_params": n_params, "world_size": info.world_size,
                             "device": info.device.type}, prefix="run.")

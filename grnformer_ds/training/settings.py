@@ -93,10 +93,12 @@ class RunSettings:
     save_every: int = 50
     keep_last: int = 2  # complete checkpoints kept (older ones are removed after a newer one is complete)
     log_every: int = 1
+    log_cells: bool = False  # <output_dir>/cells/rank_XXXXX.jsonl: the cells of every micro-batch (trainer.py)
     seed: int = 0
     precision: str | None = None  # None: the JSON's explicit choice, else bf16
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     resume: bool = False
+    resume_universal: bool = False  # load through DeepSpeed's universal checkpoint even on the same ranks
     num_workers: int = 0
     export: bool = True  # export a HF folder at the end of the run
     progress: bool = True

@@ -161,6 +161,7 @@ class Trainer:
         self.schedule = schedule  # the LR curve `engine.lr_scheduler` reads; a resume may extend it
         self.say = say or ((lambda line: print(line, flush=True)) if is_main else (lambda line: None))
         self._it: Iterator | None = None
+        self._cells_fh = None  # --log-cells
         self.last_saved_step = -1
 
     # ---------------------------------------------------------------- data
@@ -168,14 +169,32 @@ class Trainer:
         if self._it is None:
             self._it = iter(self.train_batches)
         try:
-            return next(self._it)
+            batch = next(self._it)
         except StopIteration:  # end of this rank's partition: next epoch
             self._it = iter(self.train_batches)
             try:
-                return next(self._it)
+                batch = next(self._it)
             except StopIteration:
                 raise UserInputError("the training split yields no batches (too few cells for the micro batch "
                                      "on this many ranks?)") from None
+        if self.s.log_cells and "cell_index" in batch:
+            self._log_cells(batch)
+        return batch
+
+    def _cells_path(self, rank: int) -> str:
+        return os.path.join(self.s.output_dir, "cells", f"rank_{rank:05d}.jsonl")
+
+    def _log_cells(self, batch: dict[str, Any]) -> None:
+        """One line of --log-cells: the step this micro-batch belongs to, its epoch (the loader's position has just
+        moved past it) and its cells."""
+        if self._cells_fh is None:
+            path = self._cells_path(dist.get_rank() if dist.is_initialized() else 0)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._cells_fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (open for the whole run)
+        epoch = self.train_batches.state_dict()["epoch"]
+        self._cells_fh.write(json.dumps({"step": self.state.step + 1, "epoch": epoch,
+                                         "cells": batch["cell_index"].tolist()}) + "\n")
+        self._cells_fh.flush()
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -206,27 +225,45 @@ class Trainer:
         with open(os.path.join(self.ckpt_root, tag, ckpt.TRAINER_STATE), encoding="utf-8") as fh:
             saved = json.load(fh)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if saved.get("world_size", world) != world:
-            raise UserInputError(f"checkpoint was written by {saved['world_size']} ranks but this run has {world}; "
-                                 f"resume with the same number of ranks (or export it with launchers/export_hf.py)",
-                                 os.path.join(self.ckpt_root, tag))
-        for key, now in (("micro_batch_size", self.resolved.micro_batch_size),
-                         ("grad_accum", self.resolved.grad_accum), ("max_tokens", self.s.batch.max_tokens)):
+        saved_world = int(saved.get("world_size", world))
+        elastic = saved_world != world
+        # the data position needs the same batches; on the same ranks an exact replay also needs the same accumulation
+        for key, now in (("micro_batch_size", self.resolved.micro_batch_size), ("max_tokens", self.s.batch.max_tokens),
+                         *(() if elastic else (("grad_accum", self.resolved.grad_accum),))):
             if saved.get(key, now) != now:
                 raise UserInputError(f"checkpoint used {key}={saved[key]} but this run has {now}; the data order "
                                      f"would differ — resume with the same batch settings",
                                      os.path.join(self.ckpt_root, tag))
-        trainer_state, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_root, tag)
+        if elastic:
+            self.say(f"note: {os.path.join(self.ckpt_root, tag)} was written by {saved_world} rank(s), this run has "
+                     f"{world}: weights and optimizer state come from DeepSpeed's universal checkpoint, and the rest "
+                     f"of the interrupted epoch is shared out over {world} rank(s) (docs/cluster.md)")
+            before = saved_world * int(saved.get("grad_accum", self.resolved.grad_accum))
+            now = world * self.resolved.grad_accum
+            if before != now:
+                keep = before / world
+                self.say(f"note: micro-batches per optimizer step go from {before} to {now}"
+                         + (f" (--grad-accum {keep:.0f} keeps {before})" if keep == int(keep) else ""))
+        trainer_state, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_root, tag,
+                                                         universal=elastic or self.s.resume_universal,
+                                                         same_ranks=not elastic)
         self.state = TrainState(**{k: trainer_state[k] for k in TrainState.__dataclass_fields__ if k in trainer_state})
         self.guard.load_state_dict(self.state.guard)
         if self.early_stopping is not None:
             self.early_stopping.load_state_dict(self.state.early_stopping)
         self.train_batches.load_state_dict(rank_state["data"])
         self._it = None
-        ckpt.set_rng_state(rank_state["rng"])
+        if elastic:  # the old ranks' RNG streams do not map onto the new ranks: fresh ones, one per (step, rank)
+            ckpt.seed_rng(self.s.seed, self.state.step, dist.get_rank() if dist.is_initialized() else 0)
+        else:
+            ckpt.set_rng_state(rank_state["rng"])
         self.last_saved_step = self.state.step
         if self.is_main:
-            self._truncate_metrics(self.state.step)
+            self._truncate_jsonl(self.metrics_path, self.state.step)
+        if self.s.log_cells:  # this rank's record, and (rank 0) those of ranks the checkpoint had beyond this run's
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            for r in [rank] + (list(range(world, saved_world)) if self.is_main else []):
+                self._truncate_jsonl(self._cells_path(r), self.state.step)
         self.say(f"resumed from {os.path.join(self.ckpt_root, tag)} at step {self.state.step}")
         self._continue_schedule(trainer_state.get("schedule"))
 
@@ -248,13 +285,21 @@ class Trainer:
             for r, group in zip(ratios, sched.optimizer.param_groups):
                 group["lr"] = r * self.schedule.lr_at(self.state.step)
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines a killed run wrote after the checkpoint we resume from (they will be redone)."""
-        if not os.path.isfile(self.metrics_path):
+    @staticmethod
+    def _truncate_jsonl(path: str, step: int) -> None:
+        """Drop the lines (metrics, --log-cells) a killed run wrote after the checkpoint we resume from (they will be
+        redone); a line cut short by the kill goes too."""
+        if not os.path.isfile(path):
             return
-        with open(self.metrics_path, encoding="utf-8") as fh:
-            keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        ckpt.atomic_write_text(self.metrics_path, "".join(keep))
+        keep = []
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except ValueError:
+                    continue
+        ckpt.atomic_write_text(path, "".join(keep))
 
     # ---------------------------------------------------------------- checkpoint
     def save(self) -> str | None:
@@ -491,5 +536,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self._cells_fh is not None:
+                self._cells_fh.close()
+                self._cells_fh = None
         return last
 
