@@ -87,9 +87,14 @@ class CellOrder:
         positions = np.asarray(positions, dtype=np.int64) % max(self.n, 1)
         out = np.empty(len(positions), dtype=np.int64)
         bufs = np.searchsorted(self.buffer_starts, positions, side="right") - 1
-        for u in np.unique(bufs):
-            sel = bufs == u
-            out[sel] = self._buffer_cells(int(u))[positions[sel] - self.buffer_starts[u]]
+        # group the positions by buffer once (a mask per buffer would cost positions x buffers: a whole 10M-cell
+        # section on one rank has ~5k buffers)
+        order = np.argsort(bufs, kind="stable")
+        grouped = bufs[order]
+        cuts = np.flatnonzero(np.diff(grouped)) + 1
+        for idx in np.split(order, cuts) if len(order) else ():
+            u = int(bufs[idx[0]])
+            out[idx] = self._buffer_cells(u)[positions[idx] - self.buffer_starts[u]]
         return out
 
 
