@@ -1,4 +1,4 @@
-"""Preemption (issue 16): SIGTERM / SIGUSR1 mid-run on 1 and 2 CPU ranks -> every rank stops at the next optimizer
+"""Preemption (issue 16): SIGTERM mid-run on 1 and 2 CPU ranks -> every rank stops at the next optimizer
 step with a complete checkpoint and exits 0; `--resume` then gives exactly the uninterrupted run's losses. A second
 signal while the checkpoint is written changes nothing."""
 from __future__ import annotations
@@ -59,7 +59,8 @@ def uninterrupted(demo_cache, tmp_path_factory):
     return _metrics(out)
 
 
-@pytest.mark.parametrize("ranks,sig", [(1, signal.SIGTERM), (2, signal.SIGTERM), (1, signal.SIGUSR1)])
+# SIGUSR1 (#SBATCH --signal=USR1@120) goes through the same handler: tests/test_train_units.py
+@pytest.mark.parametrize("ranks,sig", [(1, signal.SIGTERM), (2, signal.SIGTERM)])
 def test_signal_stops_with_a_checkpoint_and_resume_is_exact(demo_cache, uninterrupted, tmp_path, ranks, sig):
     out = str(tmp_path / "run")
     args = [*COMMON, "--demo-cache-dir", demo_cache, "--output-dir", out]

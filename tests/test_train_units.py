@@ -489,3 +489,43 @@ def test_a_failed_save_leaves_the_previous_checkpoint_latest(tmp_path, dist_info
     root = str(tmp_path / "go" / "checkpoints")
     assert ckpt.complete_tags(root) == ["global_step2", "global_step6"] and t.save_failures == 1
     assert sum("global_step4 not saved" in line for line in lines) == 1 and t.state.step == 6
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_handler_takes_the_first_signal_and_notes_the_rest(name):
+    """SLURM's SIGTERM and `--signal=USR1@...` alike: the first asks the run to stop, a second one (the launcher
+    forwarding it, a second scancel) is noted and changes nothing; uninstall gives back the previous handler."""
+    import os
+    import signal
+
+    from grnformer_ds.training.preemption import PreemptionHandler
+
+    sig = getattr(signal, name)
+    before = signal.getsignal(sig)
+    lines: list[str] = []
+    handler = PreemptionHandler(say=lines.append).install()
+    try:
+        assert not handler.should_stop(torch.device("cpu"))
+        os.kill(os.getpid(), sig)
+        assert handler.requested and handler.signal_name == name
+        assert handler.should_stop(torch.device("cpu"))
+        os.kill(os.getpid(), sig)
+        assert handler.signal_name == name and len(lines) == 2
+        assert lines[0].startswith(f"{name} received") and lines[1].startswith(f"{name} again")
+    finally:
+        handler.uninstall()
+    assert signal.getsignal(sig) == before
+
+
+def test_resume_drops_the_lines_a_killed_run_wrote_after_its_checkpoint(tmp_path):
+    """metrics.jsonl and --log-cells records keep the steps up to the checkpoint; a line a kill cut short goes too."""
+    import json
+
+    from grnformer_ds.training.trainer import Trainer
+
+    path = tmp_path / "rank_00000.jsonl"
+    lines = [json.dumps({"step": s, "cells": [s]}) + "\n" for s in (1, 2, 3, 4)]
+    path.write_text("".join(lines) + '{"step": 5, "cel')
+    Trainer._truncate_jsonl(str(path), 3)
+    assert path.read_text() == "".join(lines[:3])
+    Trainer._truncate_jsonl(str(tmp_path / "absent.jsonl"), 3)  # nothing to do
