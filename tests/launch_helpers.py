@@ -1,8 +1,10 @@
 """Helpers of the tests that start launchers in subprocesses (imported as a top-level module: tests/ is on sys.path)."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
 
 
 def free_port() -> int:
@@ -20,3 +22,25 @@ def launch_env(**extra) -> dict:
         env.pop(k, None)
     env.update(extra)
     return env
+
+
+def launch_cmd(script: str, args: list[str], ranks: int = 1, launcher: bool | None = None) -> list[str]:
+    """The command that runs a launcher script: under the `deepspeed` launcher (its own free --master_port,
+    --num_gpus when ranks > 1) or, with launcher=False, as a plain python process (1 rank). launcher=None: the
+    deepspeed launcher exactly when ranks > 1."""
+    if launcher is None:
+        launcher = ranks > 1
+    if not launcher:
+        return [sys.executable, script, *args]
+    ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [ds, "--master_port", str(free_port())] + (["--num_gpus", str(ranks)] if ranks > 1 else []) + [
+        script, *args]
+
+
+def read_metrics(out: str) -> list[dict]:
+    """The run's metrics.jsonl lines ([] before it exists; a line still being written is left out)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(x) for x in fh if x.strip().endswith("}")]

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from launch_helpers import free_port, launch_env  # tests/ is on sys.path (pytest rootdir import)
+from launch_helpers import launch_cmd, launch_env, read_metrics  # tests/ is on sys.path (pytest rootdir import)
 
 pytestmark = pytest.mark.e2e
 
@@ -25,21 +24,14 @@ torch.set_num_threads(1)
 
 
 def _run(args, ranks=1, launcher=True, check=True, timeout=300) -> subprocess.CompletedProcess:
-    env = launch_env()
-    if launcher:
-        ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [ds, "--master_port", str(free_port())] + (["--num_gpus", str(ranks)] if ranks > 1 else [])
-    else:
-        cmd = [sys.executable]
-    p = subprocess.run(cmd + [FINETUNE, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(launch_cmd(FINETUNE, args, ranks, launcher), cwd=REPO, env=launch_env(), capture_output=True,
+                       text=True, timeout=timeout)
     if check:
         assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
 
-def _metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(x) for x in fh if x.strip()]
+_metrics = read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from collections import Counter
 
 import pytest
-from launch_helpers import free_port, launch_env  # tests/ is on sys.path (pytest rootdir import)
+from launch_helpers import launch_cmd, launch_env, read_metrics  # tests/ is on sys.path (pytest rootdir import)
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +28,13 @@ COMMON = ["--deepspeed_config", ZERO3, "--max-steps", str(STEPS), "--max-tokens"
 
 
 def _run(args, ranks: int) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        cmd = [sys.executable, PRETRAIN, *args]
-    else:
-        ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [ds, "--master_port", str(free_port()), "--num_gpus", str(ranks), PRETRAIN, *args]
-    p = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(launch_cmd(PRETRAIN, args, ranks), cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 
-def _metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(x) for x in fh if x.strip()]
+_metrics = read_metrics
 
 
 def _epoch_cells(out, epoch: int = 0) -> Counter:

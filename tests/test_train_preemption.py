@@ -3,7 +3,6 @@ step with a complete checkpoint and exits 0; `--resume` then gives exactly the u
 signal while the checkpoint is written changes nothing."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import sys
 import time
 
 import pytest
-from launch_helpers import free_port, launch_env  # tests/ is on sys.path (pytest rootdir import)
+from launch_helpers import launch_cmd, launch_env, read_metrics  # tests/ is on sys.path (pytest rootdir import)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,18 +26,10 @@ COMMON = ["--deepspeed_config", ZERO3, "--max-steps", str(STEPS), "--eval-every"
 
 
 def _cmd(args, ranks: int) -> list[str]:
-    if ranks == 1:
-        return [sys.executable, PRETRAIN, *args]
-    ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [ds, "--master_port", str(free_port()), "--num_gpus", str(ranks), PRETRAIN, *args]
+    return launch_cmd(PRETRAIN, args, ranks)
 
 
-def _metrics(out) -> list[dict]:
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(x) for x in fh if x.strip().endswith("}")]
+_metrics = read_metrics
 
 
 @pytest.fixture(scope="module")

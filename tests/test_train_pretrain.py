@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from launch_helpers import free_port, launch_env  # tests/ is on sys.path (pytest rootdir import)
+from launch_helpers import free_port, launch_cmd, launch_env, read_metrics  # tests/ is on sys.path
 
 pytestmark = pytest.mark.e2e  # the DeepSpeed launcher, MLflow, subprocesses
 
@@ -31,11 +31,7 @@ COMMON = ["--max-steps", str(STEPS), "--save-every", "15", "--eval-every", "15",
 
 
 def _cmd(args, ranks: int | None = 1, launcher: bool = True) -> list[str]:
-    if not launcher:
-        return [sys.executable, PRETRAIN, *args]
-    ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    head = [ds, "--master_port", str(free_port())] + (["--num_gpus", str(ranks)] if ranks and ranks > 1 else [])
-    return head + [PRETRAIN, *args]
+    return launch_cmd(PRETRAIN, args, ranks or 1, launcher)
 
 
 def _run(args, ranks=1, launcher=True, timeout=240, env=None) -> subprocess.CompletedProcess:
@@ -45,9 +41,7 @@ def _run(args, ranks=1, launcher=True, timeout=240, env=None) -> subprocess.Comp
     return p
 
 
-def _metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        return [json.loads(x) for x in fh if x.strip()]
+_metrics = read_metrics
 
 
 @pytest.fixture(scope="session")

@@ -150,6 +150,7 @@ class StreamingCellDataset(IterableDataset):
         # samples (`cells`): their store positions sorted (`subset`) and each one's index in `cells` (`sample_ids`);
         # the plans then run over positions [0, n) of `subset`
         self.subset = self.sample_ids = self.sample_labels = None
+        self._digest: str | None = None  # `_subset_digest`
         self.sample_inputs: dict[str, np.ndarray] = {}
         if cells is not None:
             if split != "all":
@@ -305,9 +306,12 @@ class StreamingCellDataset(IterableDataset):
                 **({} if self.subset is None else {"cells_sha1": self._subset_digest()})}
 
     def _subset_digest(self) -> str:
-        import hashlib
+        """Digest of the samples (fixed after __init__: computed once; `state_dict` runs at every --log-cells line)."""
+        if self._digest is None:
+            import hashlib
 
-        return hashlib.sha1(self.subset.tobytes() + self.sample_ids.tobytes()).hexdigest()[:16]
+            self._digest = hashlib.sha1(self.subset.tobytes() + self.sample_ids.tobytes()).hexdigest()[:16]
+        return self._digest
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict`: exactly when it was written on as many ranks as this dataset has; on another

@@ -162,6 +162,7 @@ class Trainer:
         self.say = say or ((lambda line: print(line, flush=True)) if is_main else (lambda line: None))
         self._it: Iterator | None = None
         self._cells_fh = None  # --log-cells
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_saved_step = -1
 
     # ---------------------------------------------------------------- data
@@ -188,7 +189,7 @@ class Trainer:
         """One line of --log-cells: the step this micro-batch belongs to, its epoch (the loader's position has just
         moved past it) and its cells."""
         if self._cells_fh is None:
-            path = self._cells_path(dist.get_rank() if dist.is_initialized() else 0)
+            path = self._cells_path(self.rank)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self._cells_fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (open for the whole run)
         epoch = self.train_batches.state_dict()["epoch"]
@@ -254,15 +255,14 @@ class Trainer:
         self.train_batches.load_state_dict(rank_state["data"])
         self._it = None
         if elastic:  # the old ranks' RNG streams do not map onto the new ranks: fresh ones, one per (step, rank)
-            ckpt.seed_rng(self.s.seed, self.state.step, dist.get_rank() if dist.is_initialized() else 0)
+            ckpt.seed_rng(self.s.seed, self.state.step, self.rank)
         else:
             ckpt.set_rng_state(rank_state["rng"])
         self.last_saved_step = self.state.step
         if self.is_main:
             self._truncate_jsonl(self.metrics_path, self.state.step)
         if self.s.log_cells:  # this rank's record, and (rank 0) those of ranks the checkpoint had beyond this run's
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            for r in [rank] + (list(range(world, saved_world)) if self.is_main else []):
+            for r in [self.rank] + (list(range(world, saved_world)) if self.is_main else []):
                 self._truncate_jsonl(self._cells_path(r), self.state.step)
         self.say(f"resumed from {os.path.join(self.ckpt_root, tag)} at step {self.state.step}")
         self._continue_schedule(trainer_state.get("schedule"))
