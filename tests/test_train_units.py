@@ -529,3 +529,18 @@ def test_resume_drops_the_lines_a_killed_run_wrote_after_its_checkpoint(tmp_path
     Trainer._truncate_jsonl(str(path), 3)
     assert path.read_text() == "".join(lines[:3])
     Trainer._truncate_jsonl(str(tmp_path / "absent.jsonl"), 3)  # nothing to do
+
+
+def test_a_checkpoint_that_cannot_be_converted_for_other_ranks_is_one_line(tmp_path):
+    """Resuming on another number of ranks converts the tag with DeepSpeed's ds_to_universal: a damaged optimizer file
+    stops it with one line naming the checkpoint, and nothing half-converted counts as done."""
+    from grnformer_ds.errors import UserInputError
+    from grnformer_ds.training import checkpoint as ckpt
+
+    tag = tmp_path / "global_step3"
+    tag.mkdir()
+    (tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserInputError, match="global_step3: cannot resume on another number of ranks") as ei:
+        ckpt.universal_checkpoint(str(tmp_path), "global_step3")
+    assert "\n" not in str(ei.value)
+    assert not ckpt.is_complete(str(tmp_path / ckpt.UNIVERSAL), "global_step3")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from grnformer_ds.errors import UserInputError
 from grnformer_ds.training.guards import params_are_finite
 
 LATEST = "latest"
@@ -250,7 +251,7 @@ def load_weights(engine, ckpt_root: str, tag: str) -> None:
 def universal_checkpoint(ckpt_root: str, tag: str) -> str:
     """The folder holding DeepSpeed's universal form of checkpoint `tag` (all ranks call this): rank 0 converts it
     once (`deepspeed.checkpoint.ds_to_universal`, into `<ckpt_root>/universal/<tag>`, COMPLETE written last) while
-    the others wait; a conversion that fails on rank 0 fails every rank with its one line."""
+    the others wait; a conversion that fails on rank 0 fails every rank with its one line (`UserInputError`)."""
     root = os.path.join(ckpt_root, UNIVERSAL)
     out = os.path.join(root, tag)
 
@@ -280,8 +281,8 @@ def universal_checkpoint(ckpt_root: str, tag: str) -> str:
     failure = _agree(failure)
     if failure is not None:
         where, exc = failure
-        raise RuntimeError(f"cannot resume {os.path.join(ckpt_root, tag)} on another number of ranks ({where}: "
-                           f"{type(exc).__name__}: {' '.join(str(exc).split())})")
+        raise UserInputError(f"cannot resume on another number of ranks ({where}: {type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())})", os.path.join(ckpt_root, tag))
     return root
 
 
