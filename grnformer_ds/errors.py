@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +60,10 @@ def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
             rc = fn(*args, **kwargs)
         except UserInputError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            # zarr reads a range's chunks as asyncio tasks on its own loop; when one chunk fails (a damaged shard)
+            # its siblings may still be pending when the process exits, and asyncio would add a "Task was destroyed
+            # but it is pending!" report for each under the one line
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
