@@ -3,15 +3,25 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sys
 
 
 def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1 (for --master_port, an mlflow server)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free right now on 127.0.0.1 (for --master_port, an mlflow server), chosen below Linux's ephemeral
+    range (32768-60999): the kernel hands ports of that range to every outgoing connection, so one found free there
+    can be taken by another test's client socket before the launched process binds it (EADDRINUSE under xdist)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in [20000, 32000)")
 
 
 def launch_env(**extra) -> dict:

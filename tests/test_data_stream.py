@@ -364,9 +364,15 @@ def test_stateful_loader_refuses_settings_that_break_the_position(store):
 
 
 def test_resume_refuses_mismatched_settings(store):
+    """The seed and the split's cells define the epoch's order: another one cannot continue it. (Another batch_size is
+    re-planned for training, refused for evaluation: tests/test_data_elastic.py.)"""
     state = _ds(store, graphs=False).state_dict()
-    with pytest.raises(UserInputError, match="batch_size"):
-        _ds(store, graphs=False, batch_size=4).load_state_dict(state)
+    with pytest.raises(UserInputError, match="seed"):
+        _ds(store, graphs=False, seed=1).load_state_dict(state)
+    with pytest.raises(UserInputError, match="split='train'"):
+        _ds(store, graphs=False, split="all").load_state_dict(state)
+    with pytest.raises(UserInputError, match="eval_fraction changed"):
+        _ds(store, graphs=False, eval_fraction=0.2).load_state_dict(state)
 
 
 def test_zarr_reader_gives_the_same_batches(store):

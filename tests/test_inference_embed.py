@@ -135,11 +135,9 @@ def test_embed_command_on_two_ranks_equals_one(demo, tmp_path):
     one, two = tmp_path / "one.h5ad", tmp_path / "two.h5ad"
     p = _run([sys.executable, EMBED, "--model", folder, "--data", store_path, "--out", str(one), "--no-progress"])
     assert p.returncode == 0, p.stderr[-3000:]
-    import socket
+    from launch_helpers import free_port  # tests/ is on sys.path (pytest rootdir import)
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     p = _run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), EMBED, "--model", folder, "--data",
               store_path, "--out", str(two), "--no-progress"])

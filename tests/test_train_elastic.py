@@ -1,8 +1,9 @@
 """Elastic resume end to end (issue 16): a ZeRO-3 run stopped after step 6 on 2 CPU ranks continues on 1, and one
 stopped on 1 rank continues on 2 — weights and Adam state through DeepSpeed's universal checkpoint, the rest of the
 interrupted epoch shared out over the new ranks: the epoch's `cell_index` multiset (from --log-cells) equals the
-uninterrupted run's. Loading through the universal form on the same number of ranks reproduces the uninterrupted
-run's losses exactly (so the conversion loses no weight, moment or per-group hyper-parameter)."""
+uninterrupted run's, also when the micro-batch changes with the ranks. Loading through the universal form on the
+same number of ranks reproduces the uninterrupted run's losses exactly (so the conversion loses no weight, moment or
+per-group hyper-parameter)."""
 from __future__ import annotations
 
 import glob
@@ -78,11 +79,16 @@ def _stopped_copy(full, ranks: int, dest) -> str:
     return out
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_ranks_trains_the_epoch_once(full, tmp_path, before, after):
+@pytest.mark.parametrize("before,after,max_tokens", [(2, 1, None), (1, 2, 6000)])
+def test_resume_on_another_number_of_ranks_trains_the_epoch_once(full, tmp_path, before, after, max_tokens):
+    """1 -> 2 also shrinks the packed micro-batch (8000 -> 6000 tokens, as on smaller GPUs): the rest of the epoch is
+    re-batched in it."""
     out = _stopped_copy(full, before, tmp_path)
-    p = _run([*COMMON, "--demo-cache-dir", full["cache"], "--output-dir", out, "--resume"], after)
+    p = _run([*COMMON, "--demo-cache-dir", full["cache"], "--output-dir", out, "--resume",
+              *(["--max-tokens", str(max_tokens)] if max_tokens else [])], after)
     assert f"written by {before} rank(s), this run has {after}" in p.stdout, p.stdout[-3000:]
+    if max_tokens:
+        assert f"used another micro-batch (max_tokens 8000 -> {max_tokens})" in p.stdout, p.stdout[-3000:]
     assert f"at step {CUT}" in p.stdout, p.stdout[-3000:]
     got = _metrics(out)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))

@@ -227,13 +227,13 @@ def dist_info():
 
 
 def _trainer(tmp_path, dist_info, max_steps, poison=(), resume=False, max_nonfinite=3, save_every=100,
-             on_save_error="stop"):
+             on_save_error="stop", accum=2):
     from grnformer_ds.training.engine import build_engine
     from grnformer_ds.training.schedule import LRSchedule, build_scheduler
     from grnformer_ds.training.tracking import Tracker
     from grnformer_ds.training.trainer import Trainer
 
-    s = _settings(tmp_path, micro=4, accum=2, lr=1e-2, max_steps=max_steps, save_every=save_every, eval_every=1000,
+    s = _settings(tmp_path, micro=4, accum=accum, lr=1e-2, max_steps=max_steps, save_every=save_every, eval_every=1000,
                   resume=resume, max_nonfinite=max_nonfinite, progress=False, precision="bf16",
                   on_save_error=on_save_error)
     r = resolve_ds_config(load_ds_config(ZERO3), s, dist_info.world_size)
@@ -283,6 +283,9 @@ def test_resume_reproduces_losses_and_data_order(tmp_path, dist_info):
     part = _trainer(tmp_path / "part", dist_info, max_steps=6, save_every=3)
     part.s.max_steps = 3  # stop after the checkpoint at step 3, as a killed run would have
     part.train()
+    # the same ranks and micro-batch with another accumulation: neither exact nor re-planned (data.elastic), refused
+    with pytest.raises(UserInputError, match="grad_accum=2 but this run has 3"):
+        _trainer(tmp_path / "part", dist_info, max_steps=6, resume=True, accum=3).maybe_resume()
     resumed = _trainer(tmp_path / "part", dist_info, max_steps=6, resume=True)
     resumed.maybe_resume()
     assert resumed.state.step == 3

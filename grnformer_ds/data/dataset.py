@@ -199,16 +199,17 @@ class StreamingCellDataset(IterableDataset):
         except (TypeError, ValueError) as exc:  # bad collator option
             raise UserInputError(f"{backbone} tokenization: {exc}") from None
         # packed layout: every cell's token count, known before reading it (stored genes from X/indptr)
-        self._cell_tokens = None
+        self._cell_tokens, self._tokens_sha1 = None, None
         if self.packed:
-            counts = self.collator.cell_tokens(self._row_nnz())
-            self._cell_tokens = counts.astype(np.uint16 if self.collator.max_cell_tokens < 2 ** 16 else np.int32)
+            self._tokens()
         self._plans: OrderedDict[int, EpochPlan | PackedEpochPlan] = OrderedDict()
 
         self.graph_builder = self._graph_builder(graphs)
         self.epoch = 0
         self._consumed = 0  # batches of `self.epoch` already handed out
-        self._segments: list[tuple[int, int]] = []  # earlier parts of this epoch on other rank counts (`elastic`)
+        # earlier parts of this epoch on other rank counts or micro-batches (`elastic`):
+        # (world size, batches per rank, batch_size, max_tokens)
+        self._segments: list[tuple[int, int, int | None, int | None]] = []
         self._managed = False  # set by StatefulCellLoader, which keeps `_consumed` current for worker processes
         self._ring_slots = 4  # shared-memory slots per worker (`worker_transport`), set by StatefulCellLoader
         self._cache: OrderedDict[int, CellRows] = OrderedDict()
@@ -261,26 +262,44 @@ class StreamingCellDataset(IterableDataset):
         if plan is None:
             if key == epoch:
                 plan = self._base_plan(epoch, self.rank, self.world_size)
-            else:
-                batching = dict(lo=self.lo, block_size=self.block_size, lanes=self.lanes)
-                if self.packed:
-                    batching.update(tokens=self._cell_tokens, max_tokens=self.max_tokens)
-                else:
-                    batching.update(batch_size=self.batch_size)
-                plan = resumed_plan(self._base_plan(epoch, 0, self._segments[0][0]), self._segments,
-                                    rank=self.rank, world_size=self.world_size, **batching)
+            else:  # each segment's rest is batched in the layout of the part after it (the last: this dataset's)
+                world0, _, batch0, tokens0 = self._segments[0]
+                layouts = [self._layout(b, t) for _, _, b, t in self._segments[1:]]
+                plan = resumed_plan(self._base_plan(epoch, 0, world0, batch0, tokens0),
+                                    [(w, k) for w, k, _, _ in self._segments], rank=self.rank,
+                                    world_size=self.world_size, lo=self.lo, block_size=self.block_size,
+                                    lanes=self.lanes,
+                                    layouts=layouts + [self._layout(self.batch_size, self.max_tokens)])
             self._plans[key] = plan
             while len(self._plans) > 2:
                 self._plans.popitem(last=False)
         return plan
 
-    def _base_plan(self, epoch: int, rank: int, world_size: int) -> EpochPlan | PackedEpochPlan:
+    def _base_plan(self, epoch: int, rank: int, world_size: int, batch_size: int | None = None,
+                   max_tokens: int | None = None) -> EpochPlan | PackedEpochPlan:
+        """The ordinary plan of an epoch; by default in this dataset's batch layout, else in the one given (an earlier
+        segment's)."""
+        if batch_size is None and max_tokens is None:
+            batch_size, max_tokens = self.batch_size, self.max_tokens
         common = dict(seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, block_size=self.block_size,
                       buffer_blocks=self.buffer_blocks, shuffle=self.shuffle, drop_last=self.drop_last,
                       lanes=self.lanes)
-        if self.packed:
-            return PackedEpochPlan(self.lo, self.hi, tokens=self._cell_tokens, max_tokens=self.max_tokens, **common)
-        return EpochPlan(self.lo, self.hi, batch_size=self.batch_size, **common)
+        if max_tokens is not None:
+            return PackedEpochPlan(self.lo, self.hi, tokens=self._tokens(), max_tokens=max_tokens, **common)
+        return EpochPlan(self.lo, self.hi, batch_size=batch_size, **common)
+
+    def _layout(self, batch_size: int | None, max_tokens: int | None) -> dict[str, Any]:
+        """A `RemainderPlan`'s batch layout: padded batches of ``batch_size`` cells or packed ones of ``max_tokens``."""
+        if max_tokens is not None:
+            return {"tokens": self._tokens(), "max_tokens": int(max_tokens)}
+        return {"batch_size": int(batch_size)}
+
+    def _tokens(self) -> np.ndarray:
+        """Every cell's packed token count (a padded dataset computes it only to re-plan an earlier packed segment)."""
+        if self._cell_tokens is None:
+            counts = self.collator.cell_tokens(self._row_nnz())
+            self._cell_tokens = counts.astype(np.uint16 if self.collator.max_cell_tokens < 2 ** 16 else np.int32)
+        return self._cell_tokens
 
     def __len__(self) -> int:
         """Batches per epoch on every rank (of an ordinary epoch: the rest of one resumed on another number of ranks
@@ -296,13 +315,15 @@ class StreamingCellDataset(IterableDataset):
             self.epoch, self._consumed, self._segments = int(epoch), 0, []
 
     def state_dict(self) -> dict[str, Any]:
-        """The data position: ``epoch``, ``batches_consumed`` (per rank, of this epoch, on ``world_size`` ranks) and
-        ``earlier_segments``: [world size, batches] of each part of this epoch that ran on another number of ranks
-        (`elastic`); plus what the batches depend on (checked by `load_state_dict`)."""
+        """The data position: ``epoch``, ``batches_consumed`` (per rank, of this epoch, on ``world_size`` ranks, in
+        batches of ``batch_size`` / ``max_tokens``) and ``earlier_segments``: [world size, batches, batch_size,
+        max_tokens] of each part of this epoch that ran on another number of ranks or micro-batch (`elastic`); plus
+        what the batches depend on (checked by `load_state_dict`)."""
         return {"epoch": self.epoch, "batches_consumed": self._consumed, "seed": self.seed,
                 "batch_size": self.batch_size, "max_tokens": self.max_tokens, "world_size": self.world_size,
                 "rank": self.rank, "split": self.split, "split_range": [self.lo, self.hi], "backbone": self.backbone,
                 "earlier_segments": [list(seg) for seg in self._segments],
+                **({"tokens_sha1": self._tokens_digest()} if self._uses_tokens() else {}),
                 **({} if self.subset is None else {"cells_sha1": self._subset_digest()})}
 
     def _subset_digest(self) -> str:
@@ -313,11 +334,24 @@ class StreamingCellDataset(IterableDataset):
             self._digest = hashlib.sha1(self.subset.tobytes() + self.sample_ids.tobytes()).hexdigest()[:16]
         return self._digest
 
+    def _uses_tokens(self) -> bool:
+        """Whether this epoch's plan depends on the cells' token counts (a packed layout, now or earlier in it)."""
+        return self.packed or any(seg[3] is not None for seg in self._segments)
+
+    def _tokens_digest(self) -> str:
+        import hashlib
+
+        if self._tokens_sha1 is None:
+            self._tokens_sha1 = hashlib.sha1(np.ascontiguousarray(self._tokens(), np.int64).tobytes()).hexdigest()[:16]
+        return self._tokens_sha1
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict`: exactly when it was written on as many ranks as this dataset has; on another
-        number of ranks the rest of its epoch is shared out over this one's (`elastic`: no cell of the epoch
-        repeated or skipped), and the epochs after it are ordinary ones."""
-        for key in ("seed", "batch_size", "max_tokens", "split"):
+        number of ranks, or with another micro-batch (``batch_size`` / ``max_tokens``), the rest of its epoch is
+        shared out over this one's ranks in this one's batches (`elastic`: no cell of the epoch repeated or skipped),
+        and the epochs after it are ordinary ones. An evaluation dataset needs the same micro-batch."""
+        layout = (state.get("batch_size", self.batch_size), state.get("max_tokens", self.max_tokens))
+        for key in ("seed", "split", *(() if self.training else ("batch_size", "max_tokens"))):
             if key in state and state[key] != getattr(self, key):
                 raise UserInputError(f"cannot resume data position: checkpoint has {key}={state[key]!r}, this "
                                      f"dataset {key}={getattr(self, key)!r} (batches would differ)")
@@ -326,10 +360,16 @@ class StreamingCellDataset(IterableDataset):
                                  f"{[self.lo, self.hi]} (store or eval_fraction changed)")
         if self.subset is not None and state.get("cells_sha1", self._subset_digest()) != self._subset_digest():
             raise UserInputError("cannot resume data position: the split's cells changed")
-        segments = [(int(w), int(k)) for w, k in state.get("earlier_segments", [])]
+        if "tokens_sha1" in state and state["tokens_sha1"] != self._tokens_digest():
+            raise UserInputError("cannot resume data position: the cells' token counts changed (max_seq_len or the "
+                                 "mask ratio): the epoch's packed batches would differ")
+        # [world, batches] segments of older checkpoints had the checkpoint's micro-batch (it could not change then)
+        segments = [(int(seg[0]), int(seg[1]), *(seg[2:] if len(seg) == 4 else layout))
+                    for seg in state.get("earlier_segments", [])]
         world, consumed = int(state.get("world_size", self.world_size)), int(state["batches_consumed"])
-        if world != self.world_size and self.training:
-            segments, consumed = segments + [(world, consumed)], 0
+        changed = world != self.world_size or layout != (self.batch_size, self.max_tokens)
+        if changed and self.training:
+            segments, consumed = segments + [(world, consumed, *layout)], 0
         self.epoch, self._consumed, self._segments = int(state["epoch"]), consumed, segments
         self._plans.clear()
 

@@ -21,8 +21,10 @@ so the consumed cells are not a prefix of that order. `RemainderPlan` takes over
    batch shares its generator with another of the epoch.
 
 A resume on yet another number of ranks within the same epoch applies the same to the remainder (a chain of
-segments: the data position lists ``(world size, micro-batches)`` of each earlier segment). The next epoch is the
-ordinary plan of the new number of ranks.
+segments: the data position lists ``(world size, micro-batches, batch size, max tokens)`` of each earlier segment).
+A resume with another micro-batch (``batch_size`` / ``max_tokens``, or a switch between the padded and packed
+layouts), on the same number of ranks or not, is the same: the unconsumed cells are batched in the new layout. The
+next epoch is the ordinary plan of the new number of ranks and layout.
 """
 from __future__ import annotations
 
@@ -138,13 +140,18 @@ class RemainderPlan:
         return other
 
 
-def resumed_plan(base, segments: list[tuple[int, int]], *, rank: int, world_size: int, **batching) -> RemainderPlan:
+def resumed_plan(base, segments: list[tuple[int, int]], *, rank: int, world_size: int,
+                 layouts: list[dict] | None = None, **batching) -> RemainderPlan:
     """The plan of the rest of an epoch for ``rank`` of ``world_size``, after ``segments`` (world size, micro-batches
     consumed), oldest first, the first of which ran on ``base`` (the epoch's ordinary plan for ``segments[0][0]``
-    ranks). ``batching``: RemainderPlan's lo, block_size, batch_size / tokens + max_tokens (+ max_open), lanes."""
+    ranks). ``batching``: RemainderPlan's lo, block_size, batch_size / tokens + max_tokens (+ max_open), lanes.
+    ``layouts``: one per segment, the batch layout of the part that follows it (``batch_size=`` or ``tokens=`` +
+    ``max_tokens=``, replacing those of ``batching``) when the micro-batch changed between segments."""
     plan, first = base, 0
     if base.world_size != segments[0][0]:
         raise ValueError(f"the base plan has {base.world_size} ranks, the first segment {segments[0][0]}")
+    if layouts is not None and len(layouts) != len(segments):
+        raise ValueError(f"{len(layouts)} layouts for {len(segments)} segments")
     for i, (world, consumed) in enumerate(segments):
         if plan.world_size != world:
             raise ValueError(f"segment {i} ran on {world} ranks, its plan has {plan.world_size}")
@@ -152,6 +159,8 @@ def resumed_plan(base, segments: list[tuple[int, int]], *, rank: int, world_size
         first += int(consumed) * int(world)
         last = i == len(segments) - 1
         next_world = world_size if last else segments[i + 1][0]
+        layout = batching if layouts is None else {
+            **{k: v for k, v in batching.items() if k not in ("batch_size", "tokens", "max_tokens")}, **layouts[i]}
         plan = RemainderPlan(cells, rank=rank if last else 0, world_size=next_world, epoch=base.epoch,
-                             first_global_batch=first, **batching)
+                             first_global_batch=first, **layout)
     return plan

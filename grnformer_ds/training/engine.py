@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -46,12 +45,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(local_rank: int | None = None) -> DistInfo:
     """Start the process group (NCCL on GPU, gloo on CPU). Works under the `deepspeed` launcher, torchrun, SLURM
     (through DeepSpeed's MPI/env discovery) and as a plain single process (env defaults for one rank)."""
@@ -72,7 +65,9 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
             os.environ.setdefault("MASTER_PORT", "29500")
         else:  # a plain single process (python launchers/pretrain.py, a notebook, pytest)
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # port 0: the rendezvous store binds a port of its own choosing. A port found free and handed over would
+            # race any other process that takes it first (a client socket of a parallel job: EADDRINUSE)
+            os.environ.setdefault("MASTER_PORT", "0")
     if local_rank is not None and local_rank >= 0:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     deepspeed.init_distributed(dist_backend="nccl" if has_gpu else "gloo", verbose=False)

@@ -228,22 +228,32 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else 1
         saved_world = int(saved.get("world_size", world))
         elastic = saved_world != world
-        # the data position needs the same batches; on the same ranks an exact replay also needs the same accumulation
-        for key, now in (("micro_batch_size", self.resolved.micro_batch_size), ("max_tokens", self.s.batch.max_tokens),
-                         *(() if elastic else (("grad_accum", self.resolved.grad_accum),))):
-            if saved.get(key, now) != now:
-                raise UserInputError(f"checkpoint used {key}={saved[key]} but this run has {now}; the data order "
-                                     f"would differ — resume with the same batch settings",
-                                     os.path.join(self.ckpt_root, tag))
+        micro = {"micro_batch_size": self.resolved.micro_batch_size, "max_tokens": self.s.batch.max_tokens}
+        rebatched = {k: (saved[k], now) for k, now in micro.items() if saved.get(k, now) != now}
+        # an exact replay needs the same ranks, micro-batch and accumulation; with another number of ranks or another
+        # micro-batch the rest of the epoch is re-planned (data.elastic) and the accumulation may change with them
+        if not (elastic or rebatched) and saved.get("grad_accum", self.resolved.grad_accum) != self.resolved.grad_accum:
+            raise UserInputError(f"checkpoint used grad_accum={saved['grad_accum']} but this run has "
+                                 f"{self.resolved.grad_accum}: an exact resume needs the same accumulation (change "
+                                 f"it together with the number of ranks or the micro-batch)",
+                                 os.path.join(self.ckpt_root, tag))
         if elastic:
             self.say(f"note: {os.path.join(self.ckpt_root, tag)} was written by {saved_world} rank(s), this run has "
                      f"{world}: weights and optimizer state come from DeepSpeed's universal checkpoint, and the rest "
                      f"of the interrupted epoch is shared out over {world} rank(s) (docs/cluster.md)")
-            before = saved_world * int(saved.get("grad_accum", self.resolved.grad_accum))
-            now = world * self.resolved.grad_accum
-            if before != now:
-                keep = before / world
-                self.say(f"note: micro-batches per optimizer step go from {before} to {now}"
+        if rebatched:
+            change = ", ".join(f"{k} {old} -> {now}" for k, (old, now) in rebatched.items())
+            self.say(f"note: {os.path.join(self.ckpt_root, tag)} used another micro-batch ({change}): the rest of the "
+                     f"interrupted epoch is re-batched (docs/cluster.md)")
+        if elastic or rebatched:  # what an optimizer step holds, in cells (padded) or token budget (packed)
+            old_mt, old_mb = saved.get("max_tokens", micro["max_tokens"]), saved.get("micro_batch_size", 1)
+            unit = "tokens" if micro["max_tokens"] else "cells"
+            per_micro = micro["max_tokens"] or micro["micro_batch_size"]
+            before = saved_world * int(saved.get("grad_accum", self.resolved.grad_accum)) * (old_mt or old_mb)
+            now = world * self.resolved.grad_accum * per_micro
+            if before != now and bool(old_mt) == bool(micro["max_tokens"]):
+                keep = before / (world * per_micro)
+                self.say(f"note: {unit} per optimizer step go from {before} to {now}"
                          + (f" (--grad-accum {keep:.0f} keeps {before})" if keep == int(keep) else ""))
         trainer_state, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_root, tag,
                                                          universal=elastic or self.s.resume_universal,
