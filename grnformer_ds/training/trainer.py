@@ -246,14 +246,15 @@ class Trainer:
             self.say(f"note: {os.path.join(self.ckpt_root, tag)} used another micro-batch ({change}): the rest of the "
                      f"interrupted epoch is re-batched (docs/cluster.md)")
         if elastic or rebatched:  # what an optimizer step holds, in cells (padded) or token budget (packed)
-            old_mt, old_mb = saved.get("max_tokens", micro["max_tokens"]), saved.get("micro_batch_size", 1)
-            unit = "tokens" if micro["max_tokens"] else "cells"
+            old_mt = saved.get("max_tokens", micro["max_tokens"])
+            old_mb = saved.get("micro_batch_size", micro["micro_batch_size"])
+            unit = "token budget" if micro["max_tokens"] else "cells"
             per_micro = micro["max_tokens"] or micro["micro_batch_size"]
             before = saved_world * int(saved.get("grad_accum", self.resolved.grad_accum)) * (old_mt or old_mb)
             now = world * self.resolved.grad_accum * per_micro
             if before != now and bool(old_mt) == bool(micro["max_tokens"]):
                 keep = before / (world * per_micro)
-                self.say(f"note: {unit} per optimizer step go from {before} to {now}"
+                self.say(f"note: {unit} per optimizer step: {before} -> {now}"
                          + (f" (--grad-accum {keep:.0f} keeps {before})" if keep == int(keep) else ""))
         trainer_state, rank_state = ckpt.load_checkpoint(self.engine, self.ckpt_root, tag,
                                                          universal=elastic or self.s.resume_universal,
