@@ -14,7 +14,7 @@ from ..errors import UserInputError
 from .cell_random import CellKeyedRandom
 from .cells import CellRows
 from .collators import get_collator
-from .elastic import RemainderPlan, resumed_plan
+from .elastic import RemainderPlan, resumed_plan, tokens_digest
 from .graphs import GraphBuilder
 from .packing import PackedEpochPlan
 from .readers import StoreReader
@@ -339,10 +339,8 @@ class StreamingCellDataset(IterableDataset):
         return self.packed or any(seg[3] is not None for seg in self._segments)
 
     def _tokens_digest(self) -> str:
-        import hashlib
-
         if self._tokens_sha1 is None:
-            self._tokens_sha1 = hashlib.sha1(np.ascontiguousarray(self._tokens(), np.int64).tobytes()).hexdigest()[:16]
+            self._tokens_sha1 = tokens_digest(self._tokens())
         return self._tokens_sha1
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -140,6 +140,14 @@ class RemainderPlan:
         return other
 
 
+def tokens_digest(tokens: np.ndarray) -> str:
+    """A digest of every cell's token count (N,), kept in the data position: packed batches are defined by these
+    counts, so a resume whose counts differ (another max_seq_len) cannot rebuild the interrupted epoch."""
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(tokens, np.int64).tobytes()).hexdigest()[:16]
+
+
 def resumed_plan(base, segments: list[tuple[int, int]], *, rank: int, world_size: int,
                  layouts: list[dict] | None = None, **batching) -> RemainderPlan:
     """The plan of the rest of an epoch for ``rank`` of ``world_size``, after ``segments`` (world size, micro-batches
