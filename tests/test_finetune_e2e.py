@@ -31,9 +31,6 @@ def _run(args, ranks=1, launcher=True, check=True, timeout=300) -> subprocess.Co
     return p
 
 
-_metrics = read_metrics
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """(demo cache, a debug-size pretrained folder on the demo store's vocabulary, with GRN parts)."""
@@ -66,7 +63,7 @@ def test_cell_type_two_ranks_resume_equals_uninterrupted_and_export_reproduces_t
     report = json.load(open(os.path.join(full, "test_metrics.json")))
     assert report["n_train"] + report["n_val"] + report["n_test"] == 700 and report["n_test"] == 70
     assert set(report["test"]) == {"loss", "accuracy", "macro_f1"} and report["steps_trained"] == 12
-    evals = [m for m in _metrics(full) if "eval_loss" in m]
+    evals = [m for m in read_metrics(full) if "eval_loss" in m]
     assert [m["step"] for m in evals] == [4, 8, 12]
     best = max(evals, key=lambda m: m["eval_macro_f1"])  # the first of equals: a tie is not an improvement
     assert report["best_step"] == best["step"] and report["val"]["macro_f1"] == pytest.approx(best["eval_macro_f1"])
@@ -84,7 +81,7 @@ def test_cell_type_two_ranks_resume_equals_uninterrupted_and_export_reproduces_t
         fh.write("global_step8")
     p = _run([*base, "--output-dir", part, "--max-steps", "12", "--resume"], ranks=2)
     assert "resumed from" in p.stdout and "at step 8" in p.stdout, p.stdout
-    a, b = _metrics(full), _metrics(part)
+    a, b = read_metrics(full), read_metrics(part)
     assert [m["step"] for m in b] == [m["step"] for m in a]
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6) and x["data_digest"] == y["data_digest"]
@@ -221,7 +218,7 @@ def test_drug_response_two_ranks_resume_on_cell_lines_from_real_cells(pretrained
     with open(os.path.join(part, "checkpoints", "latest"), "w") as fh:
         fh.write("global_step8")
     _run([*base, "--output-dir", part, "--resume"], ranks=2)
-    for x, y in zip(_metrics(full), _metrics(part)):
+    for x, y in zip(read_metrics(full), read_metrics(part)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6) and x["data_digest"] == y["data_digest"]
     again = json.load(open(os.path.join(part, "test_metrics.json")))
     assert again["test"]["pearson"] == pytest.approx(report["test"]["pearson"], rel=1e-4)

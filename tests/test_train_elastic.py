@@ -35,9 +35,6 @@ def _run(args, ranks: int) -> subprocess.CompletedProcess:
     return p
 
 
-_metrics = read_metrics
-
-
 def _epoch_cells(out, epoch: int = 0) -> Counter:
     """The cells every rank trained on in `epoch` (--log-cells)."""
     cells: Counter = Counter()
@@ -102,11 +99,11 @@ def test_resume_on_other_numbers_of_ranks_trains_the_epoch_once(full, tmp_path, 
             assert f"used another micro-batch (max_tokens 8000 -> {max_tokens})" in p.stdout, p.stdout[-3000:]
         if not last:  # the LR schedule stays the uninterrupted run's
             _drop_checkpoints_after(out, MID)
-    got = _metrics(out)
+    got = read_metrics(out)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     assert all(math.isfinite(m["loss"]) for m in got)
     # the steps before the cut are the uninterrupted run's; the epoch as a whole holds its cells, each once
-    ref = _metrics(full[before])
+    ref = read_metrics(full[before])
     assert [m["data_digest"] for m in got[:CUT]] == [m["data_digest"] for m in ref[:CUT]]
     reference = _epoch_cells(full[before])
     assert sum(reference.values()) > 600 and max(reference.values()) == 1
@@ -121,7 +118,7 @@ def test_universal_route_on_the_same_ranks_is_exact(full, tmp_path):
     out = _stopped_copy(full, 1, tmp_path)
     p = _run([*COMMON, "--demo-cache-dir", full["cache"], "--output-dir", out, "--resume", "--resume-universal"], 1)
     assert f"at step {CUT}" in p.stdout, p.stdout[-3000:]
-    got, ref = _metrics(out), _metrics(full[1])
+    got, ref = read_metrics(out), read_metrics(full[1])
     assert [m["step"] for m in got] == [m["step"] for m in ref]
     for a, b in zip(got, ref):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["data_digest"] == b["data_digest"]

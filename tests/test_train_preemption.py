@@ -29,9 +29,6 @@ def _cmd(args, ranks: int) -> list[str]:
     return launch_cmd(PRETRAIN, args, ranks)
 
 
-_metrics = read_metrics
-
-
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):
     from grnformer_ds.training.integration import ensure_demo
@@ -47,7 +44,7 @@ def uninterrupted(demo_cache, tmp_path_factory):
     p = subprocess.run(_cmd([*COMMON, "--demo-cache-dir", demo_cache, "--output-dir", out], 1), cwd=REPO,
                        env=launch_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    return _metrics(out)
+    return read_metrics(out)
 
 
 # SIGUSR1 (#SBATCH --signal=USR1@120) goes through the same handler: tests/test_train_units.py
@@ -58,7 +55,7 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_exact(demo_cache, uninterr
     proc = subprocess.Popen(_cmd(args, ranks), cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and len(_metrics(out)) < 5 and proc.poll() is None:
+    while time.time() < deadline and len(read_metrics(out)) < 5 and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     if ranks == 1:
@@ -80,13 +77,13 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_exact(demo_cache, uninterr
     stopped = int(tag.replace("global_step", ""))
     assert 5 <= stopped < STEPS
     assert len(ckpt.complete_tags(root)) == 1  # the preemption checkpoint, nothing half-written beside it
-    assert [m["step"] for m in _metrics(out)] == list(range(1, stopped + 1))
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped + 1))
 
     p = subprocess.run(_cmd([*args, "--resume"], ranks), cwd=REPO, env=launch_env(), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"at step {stopped}" in p.stdout, p.stdout[-2000:]
-    got, ref = _metrics(out), uninterrupted
+    got, ref = read_metrics(out), uninterrupted
     assert [m["step"] for m in got] == [m["step"] for m in ref]
     if ranks == 1:  # the same run as the uninterrupted one, step for step
         for a, b in zip(got, ref):
@@ -126,7 +123,7 @@ def test_kill_during_the_preemption_save_leaves_the_previous_checkpoint_latest(d
                             env=launch_env(PAUSE_AFTER="4", PAUSE_MARK=mark), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and len(_metrics(out)) < 6 and proc.poll() is None:
+    while time.time() < deadline and len(read_metrics(out)) < 6 and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGTERM)
@@ -146,7 +143,7 @@ def test_kill_during_the_preemption_save_leaves_the_previous_checkpoint_latest(d
     p = subprocess.run([sys.executable, PRETRAIN, *args, "--resume"], cwd=REPO, env=launch_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "at step 4" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
-    got = _metrics(out)
+    got = read_metrics(out)
     assert [m["step"] for m in got] == [m["step"] for m in uninterrupted]
     for a, b in zip(got, uninterrupted):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["data_digest"] == b["data_digest"]

@@ -41,9 +41,6 @@ def _run(args, ranks=1, launcher=True, timeout=240, env=None) -> subprocess.Comp
     return p
 
 
-_metrics = read_metrics
-
-
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory):
     """One demo store (cells + GRN assets) shared by every run in the session."""
@@ -101,7 +98,7 @@ def test_main_command_trains_on_demo_graphs_and_loss_decreases(reference_run):
     out, p = reference_run
     assert "ZeRO stage 3, bf16" in p.stdout and "graphs True" in p.stdout, p.stdout
     assert "batch: packed micro-batches of <= 2400 tokens" in p.stdout, p.stdout  # 2 x the longest cell on CPU
-    m = _metrics(out)
+    m = read_metrics(out)
     assert [x["step"] for x in m] == list(range(1, STEPS + 1))
     losses = [x["loss"] for x in m]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
@@ -136,7 +133,7 @@ def test_mlflow_run_read_back_from_server(reference_run, mlflow_server):
     assert params["store.n_cells"] == "700"
     assert params["model.hidden_size"] == "32" and params["run.preset"] == "debug"
     history = client.get_metric_history(run.info.run_id, "loss")
-    m = _metrics(out)
+    m = read_metrics(out)
     assert sorted((h.step, round(h.value, 4)) for h in history) == [(x["step"], round(x["loss"], 4)) for x in m]
     for key in ("eval_loss", "lr", "grad_norm", "cells_per_s", "nonpad_tokens_per_s", "step_time_s"):
         assert key in run.data.metrics, key
@@ -162,11 +159,11 @@ def test_kill9_then_resume_reproduces_the_uninterrupted_run(reference_run, demo_
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 mid-run
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed = _metrics(out)
+    killed = read_metrics(out)
     assert 15 <= len(killed) < STEPS  # it got past the first checkpoint and not to the end
     p = _run(args + ["--resume"], launcher=False)
     assert "resumed from" in p.stdout and "at step 15" in p.stdout
-    ref, res = _metrics(ref_out), _metrics(out)
+    ref, res = read_metrics(ref_out), read_metrics(out)
     assert [x["step"] for x in res] == list(range(1, STEPS + 1))
     assert [x["data_digest"] for x in res] == [x["data_digest"] for x in ref]  # exact data order
     for a, b in zip(ref, res):
@@ -234,7 +231,7 @@ def test_resume_with_a_longer_schedule_continues_the_lr(reference_run, demo_cach
               "--resume", "--no-export", "--mlflow-tracking-uri", "none"], launcher=False)
     notes = [ln for ln in p.stdout.splitlines() if "LR schedule changed on resume" in ln]
     assert len(notes) == 1 and f"max_steps {STEPS} → {STEPS + 6}" in notes[0], p.stdout
-    lr = {x["step"]: x["lr"] for x in _metrics(out)}
+    lr = {x["step"]: x["lr"] for x in read_metrics(out)}
     assert sorted(lr) == list(range(1, STEPS + 7))
     floor = 0.1 * 5e-3
     assert all(lr[s] == pytest.approx(floor, rel=1e-6) for s in range(STEPS, STEPS + 7)), lr
@@ -293,7 +290,7 @@ def test_two_ranks_zero3_export_reconstructs_the_trained_model(demo_cache, tmp_p
     threads = [ln for ln in p.stdout.splitlines() if ln.startswith("threads:")]
     assert len(threads) == 1 and f"({cores} cores" in threads[0] and "2 ranks on this node" in threads[0], p.stdout
     assert threads[0].startswith(f"threads: {max(1, cores // 2)} per rank") or "busy with other work" in threads[0]
-    m = _metrics(out)
+    m = read_metrics(out)
     assert [x["step"] for x in m] == list(range(1, 7))
     state_path = os.path.join(out, "checkpoints", "global_step6", "trainer_state.json")
     assert os.path.isfile(state_path), (os.listdir(os.path.join(out, "checkpoints")), p.stdout[-3000:],
@@ -326,7 +323,7 @@ def test_two_ranks_zero2_padded_batches(demo_cache, tmp_path):
               "--max-steps", "3", "--save-every", "3", "--eval-every", "3", "--no-progress", "--no-export",
               "--mlflow-tracking-uri", "none", "--micro-batch-size", "8"], ranks=2)
     assert "2 rank(s) on cpu, ZeRO stage 2" in p.stdout and "micro batch 8 cells (padded)" in p.stdout
-    m = _metrics(out)
+    m = read_metrics(out)
     assert len(m) == 3 and all(x["padding_fraction"] > 0 for x in m)
     state = json.load(open(os.path.join(out, "checkpoints", "global_step3", "trainer_state.json")))
     assert state["cells_seen"] == 3 * 8 * 2
@@ -340,7 +337,7 @@ def test_zero3_offload_with_zero_init_one_rank(demo_cache, reference_run, tmp_pa
               "--max-steps", "2", "--save-every", "2", "--eval-every", "2", "--no-progress", "--no-export",
               "--mlflow-tracking-uri", "none", "--zero-init", "on", "--lr", "5e-3"], launcher=False)
     assert "ZeRO stage 3" in p.stdout and "(zero.Init)" in p.stdout
-    m, ref = _metrics(out), _metrics(reference_run[0])
+    m, ref = read_metrics(out), read_metrics(reference_run[0])
     assert len(m) == 2
     # same data, same initial weights (initialised on gathered shards): the first loss matches the plain build's
     assert m[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-3)
@@ -364,7 +361,7 @@ def test_scfoundation_run_uses_scfoundations_own_tokenization(demo_cache, tmp_pa
     settings = json.load(open(os.path.join(out, "run_settings.resolved.json")))
     tok = settings["tokenization"]
     assert (tok["mask_ratio"], tok["max_seq_len"], tok["pad_value"]) == (0.3, 2048, -2.0)
-    assert [x["step"] for x in _metrics(out)] == [1, 2, 3]
+    assert [x["step"] for x in read_metrics(out)] == [1, 2, 3]
 
 
 TOY_PLUGIN = """
@@ -408,7 +405,7 @@ def test_a_plugin_backbone_runs_through_the_card_command_and_reloads(demo_cache,
     config = json.load(open(os.path.join(out, "hf_model", "config.json")))
     assert (config["backbone"], config["backbone_module"], config["cell_embedding_pooling"]) == (
         "toy", "toy_backbone", "mean")
-    assert [x["step"] for x in _metrics(out)] == [1, 2, 3]
+    assert [x["step"] for x in read_metrics(out)] == [1, 2, 3]
     reload = ("import sys, torch\nfrom transformers import AutoModelForMaskedLM\n"
               "m = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
               "print(type(m.grnformer.backbone_spec).__module__, m.config.cell_embedding_pooling)\n")
@@ -441,7 +438,7 @@ def test_scpalm_through_the_card_command(demo_cache, tmp_path, ranks):
     assert f"{ranks} rank(s)" in p.stdout and "backbone scpalm" in p.stdout, p.stdout
     tok = json.load(open(os.path.join(out, "run_settings.resolved.json")))["tokenization"]
     assert (tok["mask_ratio"], tok["patch_size"]) == (0.25, 16)
-    m = _metrics(out)
+    m = read_metrics(out)
     assert [x["step"] for x in m] == list(range(1, steps + 1))
     assert {"loss_mlm", "loss_cell", "loss_codebook", "loss_contrastive", "codebook_perplexity"} <= set(m[0])
     evals = [x["eval_loss"] for x in m if "eval_loss" in x]
@@ -518,7 +515,7 @@ def test_init_from_through_the_card_command(demo_cache, tmp_path, ranks):
     assert "for the pretrained parameters" in p.stdout
     if ranks == 2:
         assert "frozen: 0.04M backbone parameters" in p.stdout
-    m = _metrics(out)
+    m = read_metrics(out)
     assert [x["step"] for x in m] == [1, 2, 3, 4] and all(np.isfinite(x["loss"]) for x in m)
     from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM
@@ -561,7 +558,7 @@ def test_init_from_an_scfoundation_import_with_its_own_store(demo_cache, tmp_pat
               "--max-steps", "3", "--eval-every", "3", "--save-every", "3", "--no-progress",
               "--mlflow-tracking-uri", "none"], ranks=2)
     assert "backbone scfoundation" in p.stdout and "beta = 0" in p.stdout, p.stdout
-    m = _metrics(out)
+    m = read_metrics(out)
     assert [x["step"] for x in m] == [1, 2, 3] and all(np.isfinite(x["loss"]) for x in m)
     from transformers import AutoModelForMaskedLM
 

@@ -154,7 +154,7 @@ def resumed_plan(base, segments: list[tuple[int, int]], *, rank: int, world_size
     consumed), oldest first, the first of which ran on ``base`` (the epoch's ordinary plan for ``segments[0][0]``
     ranks). ``batching``: RemainderPlan's lo, block_size, batch_size / tokens + max_tokens (+ max_open), lanes.
     ``layouts``: one per segment, the batch layout of the part that follows it (``batch_size=`` or ``tokens=`` +
-    ``max_tokens=``, replacing those of ``batching``) when the micro-batch changed between segments."""
+    ``max_tokens=``; ``batching`` then holds only the rest) when the micro-batch changed between segments."""
     plan, first = base, 0
     if base.world_size != segments[0][0]:
         raise ValueError(f"the base plan has {base.world_size} ranks, the first segment {segments[0][0]}")
@@ -167,8 +167,7 @@ def resumed_plan(base, segments: list[tuple[int, int]], *, rank: int, world_size
         first += int(consumed) * int(world)
         last = i == len(segments) - 1
         next_world = world_size if last else segments[i + 1][0]
-        layout = batching if layouts is None else {
-            **{k: v for k, v in batching.items() if k not in ("batch_size", "tokens", "max_tokens")}, **layouts[i]}
+        layout = batching if layouts is None else {**batching, **layouts[i]}
         plan = RemainderPlan(cells, rank=rank if last else 0, world_size=next_world, epoch=base.epoch,
                              first_global_batch=first, **layout)
     return plan
