@@ -263,7 +263,10 @@ class Trainer:
         self.guard.load_state_dict(self.state.guard)
         if self.early_stopping is not None:
             self.early_stopping.load_state_dict(self.state.early_stopping)
-        self.train_batches.load_state_dict(rank_state["data"])
+        try:  # the data position refuses another seed, split or token counts: name the checkpoint it came from
+            self.train_batches.load_state_dict(rank_state["data"])
+        except UserInputError as exc:
+            raise UserInputError(str(exc), os.path.join(self.ckpt_root, tag)) from None
         self._it = None
         if elastic:  # the old ranks' RNG streams do not map onto the new ranks: fresh ones, one per (step, rank)
             ckpt.seed_rng(self.s.seed, self.state.step, self.rank)
